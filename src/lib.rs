@@ -1,0 +1,10 @@
+//! step3-rs: pure-Rust inference for StepFun's Step3 on candle.
+//!
+//! This facade re-exports what users of the library need; the model math lives in the workspace
+//! crates ([`step3_model`], `step3-mfa`, `step3-moe`, `step3-nn`). It also carries [`verify`], the
+//! golden-fixture checker behind `step3 verify`.
+
+pub use candle_core::{DType, Device};
+pub use step3_model::*;
+
+pub mod verify;

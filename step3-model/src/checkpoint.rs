@@ -1,0 +1,253 @@
+//! Safetensors checkpoints: discovery (one file or shards listed in an index), memory mapping,
+//! header reading, and tensor loading with the file and tensor named in every error.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Shape, Tensor};
+use memmap2::Mmap;
+use safetensors::tensor::Dtype as StDtype;
+
+use crate::{Error, Result};
+
+/// Name of the single-file checkpoint.
+pub const SINGLE_FILE: &str = "model.safetensors";
+/// Name of the shard index.
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+
+/// What a checkpoint header says about one tensor.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorInfo {
+    /// The dtype as stored (candle's name when candle supports it).
+    pub dtype: StDtype,
+    pub shape: Vec<usize>,
+    /// Index into [`Checkpoint::files`].
+    pub file: usize,
+    /// Byte range inside the file's data section.
+    pub range: (usize, usize),
+}
+
+impl TensorInfo {
+    pub fn candle_dtype(&self) -> Option<DType> {
+        DType::try_from(self.dtype).ok()
+    }
+
+    pub fn nbytes(&self) -> usize {
+        self.range.1 - self.range.0
+    }
+}
+
+struct Shard {
+    path: PathBuf,
+    mmap: Mmap,
+    /// Offset of the data section (8 + header length).
+    data_start: usize,
+}
+
+/// A memory-mapped safetensors checkpoint (one file or several shards).
+///
+/// Opening reads only the headers. Tensors are materialised one at a time by [`Checkpoint::load`]
+/// straight from the mapping (one copy into the tensor's own storage, converted to the requested
+/// dtype on the way); nothing else of the file is read into memory, and dropping the checkpoint
+/// after the model is built releases the mapping.
+pub struct Checkpoint {
+    shards: Vec<Shard>,
+    tensors: HashMap<String, TensorInfo>,
+}
+
+impl std::fmt::Debug for Checkpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Checkpoint").field("files", &self.files()).field("tensors", &self.tensors.len()).finish()
+    }
+}
+
+impl Checkpoint {
+    /// Opens `dir/model.safetensors.index.json` (and the shards it lists) or `dir/model.safetensors`.
+    pub fn open_dir(dir: impl AsRef<Path>) -> Result<Self> {
+        let dir = dir.as_ref();
+        let index = dir.join(INDEX_FILE);
+        if index.is_file() {
+            return Self::open_index(&index);
+        }
+        let single = dir.join(SINGLE_FILE);
+        if single.is_file() {
+            return Self::open_files(&[single]);
+        }
+        Err(Error::NoCheckpoint { dir: dir.to_path_buf() })
+    }
+
+    /// Opens the shards listed in a `model.safetensors.index.json` (`weight_map`: tensor → file).
+    pub fn open_index(index: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(index).map_err(|source| Error::Io { path: index.to_path_buf(), source })?;
+        let value: serde_json::Value =
+            serde_json::from_str(&text).map_err(|source| Error::Json { path: index.to_path_buf(), source })?;
+        let map = value
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| Error::key(index, "weight_map", "is missing or not an object"))?;
+        let dir = index.parent().unwrap_or(Path::new("."));
+        let mut files: Vec<String> = Vec::new();
+        let mut routing: HashMap<String, String> = HashMap::new();
+        for (name, file) in map {
+            let file =
+                file.as_str().ok_or_else(|| Error::key(index, format!("weight_map.{name}"), "must be a file name"))?;
+            if !files.iter().any(|f| f == file) {
+                files.push(file.to_string());
+            }
+            routing.insert(name.clone(), file.to_string());
+        }
+        files.sort();
+        let paths: Vec<PathBuf> = files.iter().map(|f| dir.join(f)).collect();
+        let routing = routing
+            .into_iter()
+            .map(|(name, file)| {
+                let shard = files.iter().position(|f| *f == file).unwrap_or_default();
+                (name, shard)
+            })
+            .collect();
+        Self::assemble(&paths, Some(routing))
+    }
+
+    /// Opens and indexes the given safetensors files (later files win on duplicate names).
+    pub fn open_files(paths: &[PathBuf]) -> Result<Self> {
+        Self::assemble(paths, None)
+    }
+
+    /// Maps every file; with a `routing` (tensor → shard, from an index) each listed tensor must
+    /// be in its shard and only listed tensors are visible.
+    fn assemble(paths: &[PathBuf], routing: Option<HashMap<String, usize>>) -> Result<Self> {
+        let mut shards = Vec::with_capacity(paths.len());
+        let mut headers = Vec::with_capacity(paths.len());
+        for path in paths {
+            let (shard, header) = Shard::open(path)?;
+            shards.push(shard);
+            headers.push(header);
+        }
+        let mut tensors = HashMap::new();
+        match routing {
+            None => {
+                for (i, header) in headers.into_iter().enumerate() {
+                    for (name, info) in header {
+                        tensors.insert(name, TensorInfo { file: i, ..info });
+                    }
+                }
+            }
+            Some(routing) => {
+                for (name, shard) in routing {
+                    let info = headers[shard].get(&name).ok_or_else(|| Error::MissingTensor {
+                        name: name.clone(),
+                        within: Some(paths[shard].clone()),
+                    })?;
+                    tensors.insert(name, TensorInfo { file: shard, ..info.clone() });
+                }
+            }
+        }
+        Ok(Self { shards, tensors })
+    }
+
+    /// The files of this checkpoint.
+    pub fn files(&self) -> Vec<&Path> {
+        self.shards.iter().map(|s| s.path.as_path()).collect()
+    }
+
+    /// Total size of the files on disk.
+    pub fn file_bytes(&self) -> u64 {
+        self.shards.iter().map(|s| s.mmap.len() as u64).sum()
+    }
+
+    pub fn info(&self, name: &str) -> Option<&TensorInfo> {
+        self.tensors.get(name)
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    /// All tensor names, sorted.
+    pub fn names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self.tensors.keys().map(String::as_str).collect();
+        names.sort_unstable();
+        names
+    }
+
+    pub fn file_of(&self, info: &TensorInfo) -> &Path {
+        &self.shards[info.file].path
+    }
+
+    /// Loads tensor `name` onto `device` as `dtype`, checking its shape when `shape` is given.
+    pub fn load(&self, name: &str, shape: Option<&Shape>, dtype: DType, device: &Device) -> Result<Tensor> {
+        let info =
+            self.tensors.get(name).ok_or_else(|| Error::MissingTensor { name: name.to_string(), within: None })?;
+        let file = self.file_of(info);
+        if let Some(shape) = shape {
+            if shape.dims() != info.shape.as_slice() {
+                return Err(Error::TensorShape {
+                    name: name.to_string(),
+                    file: file.to_path_buf(),
+                    expected: shape.dims().to_vec(),
+                    found: info.shape.clone(),
+                });
+            }
+        }
+        let stored = info.candle_dtype().ok_or_else(|| Error::TensorDtype {
+            name: name.to_string(),
+            file: file.to_path_buf(),
+            found: format!("{:?}", info.dtype),
+            expected: "a dtype candle supports".into(),
+        })?;
+        let shard = &self.shards[info.file];
+        let bytes = &shard.mmap[shard.data_start + info.range.0..shard.data_start + info.range.1];
+        let tensor = Tensor::from_raw_buffer(bytes, stored, &info.shape, device)?;
+        Ok(if stored == dtype { tensor } else { tensor.to_dtype(dtype)? })
+    }
+}
+
+impl Shard {
+    fn open(path: &Path) -> Result<(Self, HashMap<String, TensorInfo>)> {
+        let file = std::fs::File::open(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
+        // SAFETY: the mapping is read-only; as with every mmap-based loader, the file must not be
+        // truncated by another process while the checkpoint is open.
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
+        let (header_len, meta) = safetensors::SafeTensors::read_metadata(&mmap)
+            .map_err(|e| Error::BadSafetensors { path: path.to_path_buf(), reason: describe(&e, mmap.len()) })?;
+        let header = meta
+            .tensors()
+            .into_iter()
+            .map(|(name, info)| {
+                (name, TensorInfo { dtype: info.dtype, shape: info.shape.clone(), file: 0, range: info.data_offsets })
+            })
+            .collect();
+        Ok((Self { path: path.to_path_buf(), mmap, data_start: 8 + header_len }, header))
+    }
+}
+
+fn describe(e: &safetensors::SafeTensorError, len: usize) -> String {
+    use safetensors::SafeTensorError as E;
+    match e {
+        E::MetadataIncompleteBuffer => {
+            format!("the file is truncated: its header promises more data than the {len} bytes present")
+        }
+        E::HeaderTooSmall => format!("the file is too short to hold a header ({len} bytes)"),
+        E::InvalidHeaderLength => {
+            format!("the header length is larger than the file ({len} bytes): truncated or not safetensors")
+        }
+        other => other.to_string(),
+    }
+}
+
+/// Lets candle's [`candle_nn::VarBuilder`] read from a [`Checkpoint`].
+pub(crate) struct CheckpointBackend<'a>(pub &'a Checkpoint);
+
+impl candle_nn::var_builder::SimpleBackend for CheckpointBackend<'_> {
+    fn get(&self, s: Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.0.load(name, Some(&s), dtype, dev).map_err(candle_core::Error::wrap)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.0.load(name, None, dtype, dev).map_err(candle_core::Error::wrap)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.0.contains(name)
+    }
+}

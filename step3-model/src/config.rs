@@ -1,0 +1,491 @@
+//! `config.json` of a Step3 checkpoint: `model_type: step3_vl` (a `text_config` and a
+//! `vision_config`) or a bare `step3_text` config.
+//!
+//! Keys carry the checkpoint's own names and quirks (`max_position_embedding` without an s,
+//! `moe_layers_enum` as a comma-separated string, `num_attention_groups`, ...). A key the real
+//! checkpoint always carries is required: a missing one is an error naming it, never a default
+//! that would build a different model. The only defaults are the ones the reference itself applies
+//! to keys the published file omits (`rms_norm_eps` = 1e-5).
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::Value;
+
+use crate::{Error, Result};
+
+/// Which kind of config file this was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum ModelType {
+    /// `step3_vl`: vision-language model (text_config + vision_config).
+    Step3Vl,
+    /// `step3_text`: the language model alone.
+    Step3Text,
+}
+
+/// The language-model part of the config, as written in the checkpoint (`text_config`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TextConfig {
+    pub hidden_size: usize,
+    /// Width of the dense SwiGLU layers.
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    /// Query heads.
+    pub num_attention_heads: usize,
+    /// K/V heads; Step3's MFA has exactly one.
+    pub num_attention_groups: usize,
+    pub head_dim: usize,
+    /// Low-rank query width.
+    pub share_q_dim: usize,
+    pub vocab_size: usize,
+    /// Absent from the published config; the reference's default is 1e-5.
+    #[serde(default = "default_rms_norm_eps")]
+    pub rms_norm_eps: f64,
+    pub moe_num_experts: usize,
+    pub moe_top_k: usize,
+    pub moe_intermediate_size: usize,
+    pub share_expert_dim: usize,
+    pub norm_expert_weight: bool,
+    /// Indices of the MoE layers; all other layers are dense. Written in the file as the string
+    /// `"4,5,…,59"` (a JSON list is accepted too).
+    #[serde(deserialize_with = "layer_list", serialize_with = "layer_string")]
+    pub moe_layers_enum: Vec<usize>,
+    pub rope_theta: f64,
+    /// Must be null or absent: Step3 uses plain RoPE.
+    #[serde(default)]
+    pub rope_scaling: Option<Value>,
+    /// The context length (`max_position_embedding`, no trailing s, in the real file;
+    /// `max_position_embeddings` is accepted as a fallback).
+    #[serde(default, alias = "max_position_embeddings")]
+    pub max_position_embedding: Option<usize>,
+    #[serde(default)]
+    pub max_seq_len: Option<usize>,
+    #[serde(default)]
+    pub model_type: Option<String>,
+    #[serde(default)]
+    pub torch_dtype: Option<String>,
+    #[serde(default, deserialize_with = "id_list")]
+    pub eos_token_id: Vec<u32>,
+    #[serde(default)]
+    pub bos_token_id: Option<u32>,
+}
+
+fn default_rms_norm_eps() -> f64 {
+    1e-5
+}
+
+fn layer_list<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Vec<usize>, D::Error> {
+    use serde::de::Error as _;
+    match Value::deserialize(d)? {
+        Value::String(s) => s
+            .split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+            .map(|p| p.parse::<usize>().map_err(|_| D::Error::custom(format!("`{p}` is not a layer index"))))
+            .collect(),
+        Value::Array(items) => items
+            .iter()
+            .map(|v| {
+                v.as_u64().map(|v| v as usize).ok_or_else(|| D::Error::custom(format!("`{v}` is not a layer index")))
+            })
+            .collect(),
+        other => Err(D::Error::custom(format!("expected a comma-separated string of layer indices, found {other}"))),
+    }
+}
+
+fn layer_string<S: serde::Serializer>(layers: &[usize], s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_str(&layers.iter().map(|l| l.to_string()).collect::<Vec<_>>().join(","))
+}
+
+/// `eos_token_id` may be one id or a list of ids.
+fn id_list<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Vec<u32>, D::Error> {
+    use serde::de::Error as _;
+    let as_id = |v: &Value| {
+        v.as_u64()
+            .and_then(|v| u32::try_from(v).ok())
+            .ok_or_else(|| D::Error::custom(format!("`{v}` is not a token id")))
+    };
+    match Value::deserialize(d)? {
+        Value::Null => Ok(Vec::new()),
+        Value::Array(items) => items.iter().map(as_id).collect(),
+        v => Ok(vec![as_id(&v)?]),
+    }
+}
+
+impl TextConfig {
+    /// The model's context length.
+    pub fn max_position_embedding(&self) -> usize {
+        self.max_position_embedding.unwrap_or_default()
+    }
+
+    /// Is layer `i` a MoE layer?
+    pub fn is_moe_layer(&self, i: usize) -> bool {
+        self.moe_layers_enum.contains(&i)
+    }
+
+    /// Checks every value the implementation depends on; `prefix` is where the section sits
+    /// in the file (e.g. `text_config.`), for error messages.
+    fn validate(&self, path: &Path, prefix: &str) -> Result<()> {
+        let key = |k: &str| format!("{prefix}{k}");
+        let positive = [
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("head_dim", self.head_dim),
+            ("share_q_dim", self.share_q_dim),
+            ("vocab_size", self.vocab_size),
+            ("moe_num_experts", self.moe_num_experts),
+            ("moe_intermediate_size", self.moe_intermediate_size),
+            ("share_expert_dim", self.share_expert_dim),
+        ];
+        for (k, v) in positive {
+            if v == 0 {
+                return Err(Error::key(path, key(k), "must be a positive integer, found 0"));
+            }
+        }
+        if self.num_attention_groups != 1 {
+            return Err(Error::key(
+                path,
+                key("num_attention_groups"),
+                format!("must be 1 (MFA has a single K/V head), found {}", self.num_attention_groups),
+            ));
+        }
+        if self.head_dim % 2 != 0 {
+            return Err(Error::key(
+                path,
+                key("head_dim"),
+                format!("must be even for rotary embeddings, found {}", self.head_dim),
+            ));
+        }
+        if self.moe_top_k == 0 || self.moe_top_k > self.moe_num_experts {
+            return Err(Error::key(
+                path,
+                key("moe_top_k"),
+                format!("must be between 1 and moe_num_experts = {}, found {}", self.moe_num_experts, self.moe_top_k),
+            ));
+        }
+        let mut seen = vec![false; self.num_hidden_layers];
+        for &l in &self.moe_layers_enum {
+            if l >= self.num_hidden_layers {
+                return Err(Error::key(
+                    path,
+                    key("moe_layers_enum"),
+                    format!(
+                        "names layer {l}, but the model has {} layers (0..{})",
+                        self.num_hidden_layers, self.num_hidden_layers
+                    ),
+                ));
+            }
+            if std::mem::replace(&mut seen[l], true) {
+                return Err(Error::key(path, key("moe_layers_enum"), format!("lists layer {l} twice")));
+            }
+        }
+        if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
+            return Err(Error::key(
+                path,
+                key("rope_theta"),
+                format!("must be a positive number, found {}", self.rope_theta),
+            ));
+        }
+        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0) {
+            return Err(Error::key(
+                path,
+                key("rms_norm_eps"),
+                format!("must be a positive number, found {}", self.rms_norm_eps),
+            ));
+        }
+        match &self.rope_scaling {
+            None | Some(Value::Null) => {}
+            Some(other) => {
+                return Err(Error::key(
+                    path,
+                    key("rope_scaling"),
+                    format!("is not supported (Step3 uses plain RoPE; expected null), found {other}"),
+                ))
+            }
+        }
+        match self.max_position_embedding {
+            None => {
+                return Err(Error::key(path, key("max_position_embedding"), "is missing (the model's context length)"))
+            }
+            Some(0) => {
+                return Err(Error::key(path, key("max_position_embedding"), "must be a positive integer, found 0"))
+            }
+            Some(_) => {}
+        }
+        if let Some(mt) = &self.model_type {
+            if mt != "step3_text" {
+                return Err(Error::key(path, key("model_type"), format!("must be \"step3_text\", found \"{mt}\"")));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A parsed and validated Step3 `config.json`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Step3Config {
+    pub model_type: ModelType,
+    pub text: TextConfig,
+    /// The raw `vision_config` section (step3_vl only).
+    pub vision: Option<Value>,
+    /// The raw `quantization_config` section, if any.
+    pub quantization: Option<Value>,
+    /// Token id of `<im_patch>` (step3_vl only).
+    pub image_token_id: Option<u32>,
+    pub bos_token_id: Option<u32>,
+    /// End-of-sequence ids (top level, else `text_config`); may be empty.
+    pub eos_token_ids: Vec<u32>,
+    /// The file this came from.
+    #[serde(skip)]
+    pub path: PathBuf,
+}
+
+impl Step3Config {
+    /// Reads and validates a `config.json`.
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
+        Self::from_json_str(&text, path)
+    }
+
+    /// Parses config text; `path` is only used in error messages.
+    pub fn from_json_str(text: &str, path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let root: Value =
+            serde_json::from_str(text).map_err(|source| Error::Json { path: path.to_path_buf(), source })?;
+        let obj = root.as_object().ok_or_else(|| Error::key(path, "(top level)", "must be a JSON object"))?;
+        let model_type = match obj.get("model_type").and_then(Value::as_str) {
+            Some("step3_vl") => ModelType::Step3Vl,
+            Some("step3_text") => ModelType::Step3Text,
+            Some(other) => {
+                return Err(Error::key(
+                    path,
+                    "model_type",
+                    format!("must be \"step3_vl\" or \"step3_text\", found \"{other}\""),
+                ))
+            }
+            None => return Err(Error::key(path, "model_type", "is missing (expected \"step3_vl\" or \"step3_text\")")),
+        };
+        let (text_value, prefix) = match model_type {
+            ModelType::Step3Vl => {
+                (obj.get("text_config").ok_or_else(|| Error::key(path, "text_config", "is missing"))?, "text_config.")
+            }
+            ModelType::Step3Text => (&root, ""),
+        };
+        let text: TextConfig = deserialize_section(text_value.clone(), path, prefix)?;
+        text.validate(path, prefix)?;
+
+        let vision = match model_type {
+            ModelType::Step3Vl => {
+                Some(obj.get("vision_config").cloned().ok_or_else(|| Error::key(path, "vision_config", "is missing"))?)
+            }
+            ModelType::Step3Text => None,
+        };
+        let id = |key: &str| -> Result<Option<u32>> {
+            match obj.get(key) {
+                None | Some(Value::Null) => Ok(None),
+                Some(v) => v
+                    .as_u64()
+                    .and_then(|v| u32::try_from(v).ok())
+                    .map(Some)
+                    .ok_or_else(|| Error::key(path, key, format!("must be a token id, found {v}"))),
+            }
+        };
+        let image_token_id = id("image_token_id")?;
+        let bos_token_id = id("bos_token_id")?.or(text.bos_token_id);
+        let eos_token_ids = match obj.get("eos_token_id") {
+            Some(v) if model_type == ModelType::Step3Vl => {
+                let ids: Wrapper = deserialize_section(serde_json::json!({ "eos_token_id": v }), path, "")?;
+                ids.eos_token_id
+            }
+            _ => text.eos_token_id.clone(),
+        };
+        for &t in eos_token_ids.iter().chain(bos_token_id.iter()).chain(image_token_id.iter()) {
+            if t as usize >= text.vocab_size {
+                return Err(Error::key(
+                    path,
+                    "eos_token_id/bos_token_id/image_token_id",
+                    format!("id {t} is outside the vocabulary of {}", text.vocab_size),
+                ));
+            }
+        }
+        Ok(Self {
+            model_type,
+            text,
+            vision,
+            quantization: obj.get("quantization_config").filter(|v| !v.is_null()).cloned(),
+            image_token_id,
+            bos_token_id,
+            eos_token_ids,
+            path: path.to_path_buf(),
+        })
+    }
+}
+
+#[derive(Deserialize)]
+struct Wrapper {
+    #[serde(deserialize_with = "id_list")]
+    eos_token_id: Vec<u32>,
+}
+
+/// Deserializes a section, turning serde's messages into errors that name the full key.
+fn deserialize_section<T: serde::de::DeserializeOwned>(value: Value, path: &Path, prefix: &str) -> Result<T> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let inner = e.inner().to_string();
+        let at = e.path().to_string();
+        let at = if at == "." { String::new() } else { at };
+        // serde reports a missing field at its parent: "missing field `x`".
+        if let Some(field) = inner.strip_prefix("missing field `").and_then(|r| r.split('`').next()) {
+            let key = if at.is_empty() { format!("{prefix}{field}") } else { format!("{prefix}{at}.{field}") };
+            return Error::key(path, key, "is missing");
+        }
+        let key = if at.is_empty() { prefix.trim_end_matches('.').to_string() } else { format!("{prefix}{at}") };
+        let inner = inner.split(" at line ").next().unwrap_or(&inner).to_string();
+        Error::key(path, key, format!("is invalid: {inner}"))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TEXT: &str = r#"{
+        "model_type": "step3_text", "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 4,
+        "num_attention_heads": 4, "num_attention_groups": 1, "head_dim": 32, "share_q_dim": 48,
+        "vocab_size": 320, "moe_num_experts": 6, "moe_top_k": 3, "moe_intermediate_size": 40,
+        "share_expert_dim": 56, "norm_expert_weight": false, "moe_layers_enum": "1,2",
+        "rope_theta": 500000.0, "rope_scaling": null, "max_position_embedding": 4096
+    }"#;
+
+    fn edit(f: impl FnOnce(&mut serde_json::Map<String, Value>)) -> String {
+        let mut v: Value = serde_json::from_str(TEXT).unwrap();
+        f(v.as_object_mut().unwrap());
+        v.to_string()
+    }
+
+    fn err(text: &str) -> String {
+        Step3Config::from_json_str(text, "config.json").unwrap_err().to_string()
+    }
+
+    #[test]
+    fn parses_bare_text_config_with_quirks() {
+        let c = Step3Config::from_json_str(TEXT, "config.json").unwrap();
+        assert_eq!(c.model_type, ModelType::Step3Text);
+        assert_eq!(c.text.moe_layers_enum, vec![1, 2]);
+        assert_eq!(c.text.max_position_embedding(), 4096);
+        assert_eq!(c.text.rms_norm_eps, 1e-5);
+        assert!(c.text.is_moe_layer(2) && !c.text.is_moe_layer(3));
+    }
+
+    #[test]
+    fn missing_keys_are_named() {
+        for key in [
+            "hidden_size",
+            "moe_layers_enum",
+            "norm_expert_weight",
+            "share_expert_dim",
+            "num_attention_groups",
+            "rope_theta",
+        ] {
+            let e = err(&edit(|o| {
+                o.remove(key);
+            }));
+            assert!(e.contains(&format!("key `{key}` is missing")), "{key}: {e}");
+        }
+        let e = err(&edit(|o| {
+            o.remove("max_position_embedding");
+        }));
+        assert!(e.contains("`max_position_embedding` is missing"), "{e}");
+    }
+
+    #[test]
+    fn plural_max_position_embeddings_is_accepted() {
+        let c = Step3Config::from_json_str(
+            &edit(|o| {
+                let v = o.remove("max_position_embedding").unwrap();
+                o.insert("max_position_embeddings".into(), v);
+            }),
+            "config.json",
+        )
+        .unwrap();
+        assert_eq!(c.text.max_position_embedding(), 4096);
+    }
+
+    #[test]
+    fn unsupported_values_are_named() {
+        let cases: Vec<(Box<dyn Fn(&mut serde_json::Map<String, Value>)>, &str)> = vec![
+            (
+                Box::new(|o| {
+                    o.insert("num_attention_groups".into(), 2.into());
+                }),
+                "num_attention_groups",
+            ),
+            (
+                Box::new(|o| {
+                    o.insert("rope_scaling".into(), serde_json::json!({"type": "yarn"}));
+                }),
+                "rope_scaling",
+            ),
+            (
+                Box::new(|o| {
+                    o.insert("moe_layers_enum".into(), "1,9".into());
+                }),
+                "moe_layers_enum",
+            ),
+            (
+                Box::new(|o| {
+                    o.insert("moe_layers_enum".into(), "1,x".into());
+                }),
+                "moe_layers_enum",
+            ),
+            (
+                Box::new(|o| {
+                    o.insert("moe_top_k".into(), 7.into());
+                }),
+                "moe_top_k",
+            ),
+            (
+                Box::new(|o| {
+                    o.insert("head_dim".into(), 31.into());
+                }),
+                "head_dim",
+            ),
+            (
+                Box::new(|o| {
+                    o.insert("hidden_size".into(), "big".into());
+                }),
+                "hidden_size",
+            ),
+            (
+                Box::new(|o| {
+                    o.insert("model_type".into(), "llama".into());
+                }),
+                "model_type",
+            ),
+        ];
+        for (f, key) in cases {
+            let e = err(&edit(|o| f(o)));
+            assert!(e.contains(&format!("`{key}`")), "{key}: {e}");
+        }
+    }
+
+    #[test]
+    fn vl_config_reports_nested_key_path() {
+        let text: Value = serde_json::from_str(TEXT).unwrap();
+        let mut t = text.clone();
+        t.as_object_mut().unwrap().remove("vocab_size");
+        let vl = serde_json::json!({"model_type": "step3_vl", "text_config": t, "vision_config": {}});
+        let e = err(&vl.to_string());
+        assert!(e.contains("`text_config.vocab_size` is missing"), "{e}");
+        let vl = serde_json::json!({"model_type": "step3_vl", "vision_config": {}});
+        assert!(err(&vl.to_string()).contains("`text_config` is missing"));
+        let vl = serde_json::json!({"model_type": "step3_vl", "text_config": text, "vision_config": {}, "eos_token_id": [7, 9], "image_token_id": 301});
+        let c = Step3Config::from_json_str(&vl.to_string(), "c.json").unwrap();
+        assert_eq!(c.eos_token_ids, vec![7, 9]);
+        assert_eq!(c.image_token_id, Some(301));
+        assert!(err(r#"{"hidden_size": 3}"#).contains("`model_type` is missing"));
+        assert!(err("{not json").contains("not valid JSON"));
+    }
+}

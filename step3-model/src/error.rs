@@ -1,0 +1,58 @@
+use std::path::PathBuf;
+
+use candle_core::DType;
+
+/// Everything that can go wrong loading or running a Step3 model. Each variant names the file,
+/// key or tensor involved.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}: not valid JSON: {source}", path.display())]
+    Json {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A config key is missing, has the wrong type or an unsupported value.
+    #[error("{}: key `{key}` {problem}", path.display())]
+    ConfigKey { path: PathBuf, key: String, problem: String },
+    #[error(
+        "no checkpoint in {}: expected model.safetensors or model.safetensors.index.json",
+        dir.display()
+    )]
+    NoCheckpoint { dir: PathBuf },
+    #[error("{}: not a readable safetensors file ({reason})", path.display())]
+    BadSafetensors { path: PathBuf, reason: String },
+    #[error("tensor `{name}` is missing from the checkpoint{}", within.as_ref().map(|p| format!(" (looked in {})", p.display())).unwrap_or_default())]
+    MissingTensor { name: String, within: Option<PathBuf> },
+    #[error("tensor `{name}` in {}: expected shape {expected:?}, found {found:?}", file.display())]
+    TensorShape { name: String, file: PathBuf, expected: Vec<usize>, found: Vec<usize> },
+    #[error("tensor `{name}` in {}: dtype {found} is not supported here (expected {expected})", file.display())]
+    TensorDtype { name: String, file: PathBuf, found: String, expected: String },
+    /// The checkpoint failed the inventory check; the first problem is shown, all are listed.
+    #[error("{first}{}", if more.is_empty() { String::new() } else { format!(" (and {} more problems)", more.len()) })]
+    Inventory { first: Box<Error>, more: Vec<Error> },
+    #[error("unsupported compute dtype {0:?}: use f32, bf16 or f16")]
+    UnsupportedDtype(DType),
+    #[error(transparent)]
+    Cache(#[from] step3_mfa::CacheError),
+    /// Invalid input from the caller (token ids, sampling settings, shapes).
+    #[error("{0}")]
+    Input(String),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    pub(crate) fn key(path: impl Into<PathBuf>, key: impl Into<String>, problem: impl Into<String>) -> Self {
+        Error::ConfigKey { path: path.into(), key: key.into(), problem: problem.into() }
+    }
+}

@@ -1,0 +1,265 @@
+//! The Step3 language model: embeddings → decoder layers (MFA, then dense or MoE FFN) → final
+//! RMSNorm → untied `lm_head`.
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::{Embedding, VarBuilder};
+use step3_mfa::{KvCache, MfaAttention, MfaConfig, RotaryEmbedding, SequenceTable};
+use step3_moe::{MoeBlock, MoeConfig, Routing, SwiGluMlp};
+use step3_nn::{Linear, RmsNorm};
+
+use crate::config::TextConfig;
+use crate::{Error, Result};
+
+/// The feed-forward half of a decoder layer.
+#[derive(Debug, Clone)]
+enum FeedForward {
+    /// Dense SwiGLU (`mlp.*`): layers 0–3 and 60 of Step3.
+    Dense(SwiGluMlp),
+    /// Routed experts plus the shared expert (`moe.*`, `share_expert.*`).
+    Moe(MoeBlock),
+}
+
+/// One pre-norm decoder layer: `h = x + Attn(norm(x))`, `out = h + FFN(norm(h))`.
+#[derive(Debug, Clone)]
+struct DecoderLayer {
+    input_layernorm: RmsNorm,
+    self_attn: MfaAttention,
+    post_attention_layernorm: RmsNorm,
+    ffn: FeedForward,
+}
+
+impl DecoderLayer {
+    fn new(cfg: &TextConfig, layer: usize, vb: VarBuilder) -> candle_core::Result<Self> {
+        let eps = cfg.rms_norm_eps;
+        let ffn = if cfg.is_moe_layer(layer) {
+            FeedForward::Moe(MoeBlock::new(&moe_config(cfg), vb.clone())?)
+        } else {
+            FeedForward::Dense(SwiGluMlp::new(cfg.hidden_size, cfg.intermediate_size, vb.pp("mlp"))?)
+        };
+        Ok(Self {
+            input_layernorm: RmsNorm::new(cfg.hidden_size, eps, vb.pp("input_layernorm"))?,
+            self_attn: MfaAttention::new(&mfa_config(cfg), vb.pp("self_attn"))?,
+            post_attention_layernorm: RmsNorm::new(cfg.hidden_size, eps, vb.pp("post_attention_layernorm"))?,
+            ffn,
+        })
+    }
+
+    fn forward(
+        &self,
+        xs: &Tensor,
+        rope: &RotaryEmbedding,
+        step: &step3_mfa::AttentionStep,
+        cache: &mut KvCache,
+    ) -> candle_core::Result<(Tensor, Option<Routing>)> {
+        let h = (xs + self.self_attn.forward(&self.input_layernorm.forward(xs)?, rope, step, cache)?)?;
+        let z = self.post_attention_layernorm.forward(&h)?;
+        let (ffn, routing) = match &self.ffn {
+            FeedForward::Dense(mlp) => (mlp.forward(&z)?, None),
+            FeedForward::Moe(moe) => {
+                let (b, t, hidden) = z.dims3()?;
+                let (out, routing) = moe.forward(&z.reshape((b * t, hidden))?)?;
+                (out.reshape((b, t, hidden))?, Some(routing))
+            }
+        };
+        Ok(((h + ffn)?, routing))
+    }
+}
+
+pub(crate) fn mfa_config(cfg: &TextConfig) -> MfaConfig {
+    MfaConfig {
+        hidden_size: cfg.hidden_size,
+        share_q_dim: cfg.share_q_dim,
+        num_heads: cfg.num_attention_heads,
+        head_dim: cfg.head_dim,
+        rms_norm_eps: cfg.rms_norm_eps,
+    }
+}
+
+pub(crate) fn moe_config(cfg: &TextConfig) -> MoeConfig {
+    MoeConfig {
+        hidden_size: cfg.hidden_size,
+        num_experts: cfg.moe_num_experts,
+        top_k: cfg.moe_top_k,
+        moe_intermediate_size: cfg.moe_intermediate_size,
+        share_expert_dim: cfg.share_expert_dim,
+        norm_expert_weight: cfg.norm_expert_weight,
+    }
+}
+
+/// The routing decision of one MoE layer during a forward pass.
+#[derive(Debug, Clone)]
+pub struct LayerRouting {
+    pub layer: usize,
+    /// Ids and weights `[B·T, k]`, rows in (sequence, column) order.
+    pub routing: Routing,
+}
+
+/// The KV caches of every layer plus the shared bookkeeping of positions and padding.
+#[derive(Debug, Clone)]
+pub struct Step3Cache {
+    table: SequenceTable,
+    layers: Vec<KvCache>,
+}
+
+impl Step3Cache {
+    /// Tokens of each sequence seen so far.
+    pub fn lengths(&self) -> Vec<usize> {
+        self.table.lengths()
+    }
+
+    pub fn batch_size(&self) -> usize {
+        self.table.batch_size()
+    }
+
+    /// Token slots per sequence this cache was created with.
+    pub fn capacity(&self) -> usize {
+        self.table.capacity()
+    }
+
+    /// Bytes of K/V storage allocated so far, over all layers.
+    pub fn allocated_bytes(&self) -> usize {
+        self.layers.iter().map(KvCache::allocated_bytes).sum()
+    }
+
+    /// Forgets every sequence (keeps the allocation).
+    pub fn reset(&mut self) {
+        self.table.reset();
+        self.layers.iter_mut().for_each(KvCache::reset);
+    }
+}
+
+/// The Step3 language model. Weight names are the checkpoint's: `model.embed_tokens`,
+/// `model.layers.{i}.*`, `model.norm`, `lm_head`.
+#[derive(Debug, Clone)]
+pub struct Step3TextModel {
+    embed_tokens: Embedding,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    rope: RotaryEmbedding,
+    config: TextConfig,
+    dtype: DType,
+    device: Device,
+}
+
+impl Step3TextModel {
+    /// Builds the model from `vb` positioned at the checkpoint root; weights are loaded in
+    /// `vb.dtype()` on `vb.device()`.
+    pub fn new(cfg: &TextConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+        let m = vb.pp("model");
+        let embed = m.pp("embed_tokens").get((cfg.vocab_size, cfg.hidden_size), "weight")?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|l| DecoderLayer::new(cfg, l, m.pp(format!("layers.{l}"))))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Self {
+            embed_tokens: Embedding::new(embed, cfg.hidden_size),
+            layers,
+            norm: RmsNorm::new(cfg.hidden_size, cfg.rms_norm_eps, m.pp("norm"))?,
+            lm_head: Linear::new(cfg.hidden_size, cfg.vocab_size, false, vb.pp("lm_head"))?,
+            rope: RotaryEmbedding::new(cfg.rope_theta, cfg.head_dim, vb.device())?,
+            config: cfg.clone(),
+            dtype: vb.dtype(),
+            device: vb.device().clone(),
+        })
+    }
+
+    pub fn config(&self) -> &TextConfig {
+        &self.config
+    }
+
+    /// The compute dtype.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// A cache for `batch` sequences of up to `capacity` tokens each (at most
+    /// `max_position_embedding`). K/V storage is allocated on the first forward pass.
+    pub fn new_cache(&self, batch: usize, capacity: usize) -> Result<Step3Cache> {
+        let table = SequenceTable::new(batch, capacity, self.config.max_position_embedding())?;
+        let layers = (0..self.layers.len()).map(|_| KvCache::new(capacity)).collect();
+        Ok(Step3Cache { table, layers })
+    }
+
+    /// Token embeddings: `ids [B, T]` (u32) → `[B, T, H]`.
+    pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        Ok(self.embed_tokens.forward(ids)?)
+    }
+
+    /// Runs the decoder on embeddings `xs [B, T, H]` and returns the hidden states after the
+    /// final norm, `[B, T, H]`.
+    ///
+    /// Row `i` of the step holds `lens[i] <= T` real tokens followed by padding; pass `T` for every
+    /// row when nothing is padded. The step is appended to `cache` (create one with
+    /// [`Self::new_cache`]). When `trace` is given, every MoE layer's routing is pushed to it.
+    pub fn forward_embeds(
+        &self,
+        xs: &Tensor,
+        lens: &[usize],
+        cache: &mut Step3Cache,
+        mut trace: Option<&mut Vec<LayerRouting>>,
+    ) -> Result<Tensor> {
+        let (_, t, _) = xs.dims3()?;
+        cache.table.check(lens, t)?;
+        let step = cache.table.step(lens, t, &self.rope, self.dtype, &self.device)?;
+        let mut xs = xs.to_dtype(self.dtype)?;
+        for (l, (layer, kv)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
+            let (out, routing) = layer.forward(&xs, &self.rope, &step, kv)?;
+            xs = out;
+            if let (Some(trace), Some(routing)) = (trace.as_deref_mut(), routing) {
+                trace.push(LayerRouting { layer: l, routing });
+            }
+        }
+        cache.table.advance(lens, t);
+        Ok(self.norm.forward(&xs)?)
+    }
+
+    /// [`Self::forward_embeds`] on token ids `[B, T]` (u32).
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        lens: &[usize],
+        cache: &mut Step3Cache,
+        trace: Option<&mut Vec<LayerRouting>>,
+    ) -> Result<Tensor> {
+        self.forward_embeds(&self.embed(ids)?, lens, cache, trace)
+    }
+
+    /// Logits `[..., vocab]` in f32 from final hidden states `[..., H]` (any rank ≥ 1).
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let logits = match hidden.rank() {
+            1 => self.lm_head.forward(&hidden.unsqueeze(0)?)?.squeeze(0)?,
+            _ => self.lm_head.forward(hidden)?,
+        };
+        Ok(logits.to_dtype(DType::F32)?)
+    }
+
+    /// Checks host-side token ids against the vocabulary.
+    pub fn check_ids(&self, ids: &[u32]) -> Result<()> {
+        let vocab = self.config.vocab_size;
+        match ids.iter().find(|&&id| id as usize >= vocab) {
+            Some(id) => Err(Error::Input(format!("token id {id} is outside the vocabulary (ids 0..{vocab})"))),
+            None => Ok(()),
+        }
+    }
+
+    /// Right-pads token sequences into a `[B, T]` u32 tensor (after checking every id) and
+    /// returns it with the sequence lengths, ready for [`Self::forward`].
+    pub fn batch_ids(&self, seqs: &[&[u32]]) -> Result<(Tensor, Vec<usize>)> {
+        if seqs.is_empty() || seqs.iter().any(|s| s.is_empty()) {
+            return Err(Error::Input("every sequence of a batch needs at least one token".into()));
+        }
+        let t = seqs.iter().map(|s| s.len()).max().unwrap_or(0);
+        let mut flat = Vec::with_capacity(seqs.len() * t);
+        for s in seqs {
+            self.check_ids(s)?;
+            flat.extend_from_slice(s);
+            flat.extend(std::iter::repeat_n(0u32, t - s.len()));
+        }
+        let lens = seqs.iter().map(|s| s.len()).collect();
+        Ok((Tensor::from_vec(flat, (seqs.len(), t), &self.device)?, lens))
+    }
+}

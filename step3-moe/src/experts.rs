@@ -1,0 +1,77 @@
+use candle_core::{Result, Tensor};
+use candle_nn::VarBuilder;
+
+use crate::{MoeConfig, Routing};
+
+/// The routed experts of one MoE layer, kept stacked as stored in the checkpoint:
+/// `gate_proj [E, I, H]`, `up_proj [E, I, H]`, `down_proj [E, H, I]`. Expert `e` is the
+/// zero-copy slice `[e]` of each tensor.
+#[derive(Debug, Clone)]
+pub struct StackedExperts {
+    gate_proj: Tensor,
+    up_proj: Tensor,
+    down_proj: Tensor,
+    num_experts: usize,
+}
+
+impl StackedExperts {
+    /// Loads `{gate,up,down}_proj.weight` from `vb` (`model.layers.{i}.moe`).
+    pub fn new(cfg: &MoeConfig, vb: VarBuilder) -> Result<Self> {
+        let (e, h, i) = (cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size);
+        Ok(Self {
+            gate_proj: vb.get((e, i, h), "gate_proj.weight")?,
+            up_proj: vb.get((e, i, h), "up_proj.weight")?,
+            down_proj: vb.get((e, h, i), "down_proj.weight")?,
+            num_experts: e,
+        })
+    }
+
+    pub fn num_experts(&self) -> usize {
+        self.num_experts
+    }
+
+    /// `xs: [N, H]` → `Σ_j weights[n, j] · Expert_{ids[n, j]}(xs[n])`, `[N, H]`.
+    ///
+    /// Tokens are grouped per expert (the routing ids are read on the host to build the
+    /// groups), each active expert runs its three matmuls once on its group, the weighted outputs
+    /// are concatenated in expert order and scattered back with a single `index_add` (so each
+    /// token accumulates its experts in ascending expert order, as the reference does).
+    pub fn forward(&self, xs: &Tensor, routing: &Routing) -> Result<Tensor> {
+        let (n, h) = xs.dims2()?;
+        let k = routing.ids.dim(1)?;
+        let ids = routing.ids.flatten_all()?.to_vec1::<u32>()?;
+        let mut tokens: Vec<Vec<u32>> = vec![Vec::new(); self.num_experts];
+        let mut slots: Vec<Vec<u32>> = vec![Vec::new(); self.num_experts];
+        for (slot, &e) in ids.iter().enumerate() {
+            let e = e as usize;
+            if e >= self.num_experts {
+                candle_core::bail!("router chose expert {e} of {}", self.num_experts)
+            }
+            tokens[e].push((slot / k) as u32);
+            slots[e].push(slot as u32);
+        }
+        let weights = routing.weights.flatten_all()?.to_dtype(xs.dtype())?;
+        let dev = xs.device();
+        let mut outputs = Vec::new();
+        let mut rows = Vec::with_capacity(n * k);
+        for e in 0..self.num_experts {
+            if tokens[e].is_empty() {
+                continue;
+            }
+            let idx = Tensor::new(tokens[e].as_slice(), dev)?;
+            let x = xs.index_select(&idx, 0)?;
+            let gate = x.matmul(&self.gate_proj.get(e)?.t()?)?;
+            let up = x.matmul(&self.up_proj.get(e)?.t()?)?;
+            let y = (candle_nn::ops::silu(&gate)? * up)?.matmul(&self.down_proj.get(e)?.t()?)?;
+            let w = weights.index_select(&Tensor::new(slots[e].as_slice(), dev)?, 0)?;
+            outputs.push(y.broadcast_mul(&w.unsqueeze(1)?)?);
+            rows.extend_from_slice(&tokens[e]);
+        }
+        let out = Tensor::zeros((n, h), xs.dtype(), dev)?;
+        if outputs.is_empty() {
+            return Ok(out);
+        }
+        let rows = Tensor::new(rows.as_slice(), dev)?;
+        out.index_add(&rows, &Tensor::cat(&outputs, 0)?, 0)
+    }
+}

@@ -1,0 +1,31 @@
+use candle_core::{Module, Result, Tensor};
+use candle_nn::VarBuilder;
+use step3_nn::Linear;
+
+/// SwiGLU feed-forward: `down(silu(gate(x)) ⊙ up(x))`, no biases.
+///
+/// Weights `gate_proj [I, H]`, `up_proj [I, H]`, `down_proj [H, I]`. Used for Step3's dense
+/// layers (`mlp`, I = 18432) and the shared expert of MoE layers (`share_expert`, I = 5120).
+#[derive(Debug, Clone)]
+pub struct SwiGluMlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+impl SwiGluMlp {
+    pub fn new(hidden_size: usize, intermediate_size: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            gate_proj: Linear::new(hidden_size, intermediate_size, false, vb.pp("gate_proj"))?,
+            up_proj: Linear::new(hidden_size, intermediate_size, false, vb.pp("up_proj"))?,
+            down_proj: Linear::new(intermediate_size, hidden_size, false, vb.pp("down_proj"))?,
+        })
+    }
+}
+
+impl Module for SwiGluMlp {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let gate = candle_nn::ops::silu(&self.gate_proj.forward(xs)?)?;
+        self.down_proj.forward(&(gate * self.up_proj.forward(xs)?)?)
+    }
+}
