@@ -1,1 +1,221 @@
-fn main() {}
+//! `step3`: run, inspect and verify Step3 checkpoints from the command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use step3::{DType, Device};
+
+mod inspect;
+
+#[derive(Parser)]
+#[command(name = "step3", version, about = "Pure-Rust inference for StepFun's Step3 (candle)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run one prompt and write the logits and final hidden states of every position.
+    Logits(LogitsArgs),
+    /// Generate tokens after a prompt of token ids (KV-cached).
+    Generate(GenerateArgs),
+    /// Describe a checkpoint or config: layers, parameter counts, KV-cache size, tensor inventory.
+    Inspect(inspect::InspectArgs),
+    /// Check this build against a fixture set of golden outputs (e.g. tests/fixtures/step3-tiny).
+    Verify(VerifyArgs),
+}
+
+/// Where the model is and how to run it.
+#[derive(Args, Clone)]
+struct ModelArgs {
+    /// Directory holding config.json and model.safetensors (or an index + shards).
+    #[arg(long)]
+    model_dir: PathBuf,
+    /// Compute dtype: f32, bf16 or f16.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// Device: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+impl ModelArgs {
+    fn open(&self) -> Result<step3::Step3Checkpoint> {
+        step3::Step3Checkpoint::open(&self.model_dir)
+            .with_context(|| format!("opening the checkpoint in {}", self.model_dir.display()))
+    }
+
+    fn load(&self, ckpt: &step3::Step3Checkpoint) -> Result<step3::Step3TextModel> {
+        let (dtype, device) = (parse_dtype(&self.dtype)?, parse_device(&self.device)?);
+        ckpt.load_text_model(dtype, &device).with_context(|| format!("loading {}", self.model_dir.display()))
+    }
+}
+
+#[derive(Args)]
+struct LogitsArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Prompt token ids, comma-separated (e.g. 3,1,4).
+    #[arg(long)]
+    ids: String,
+    /// Output safetensors file: `logits` [T, vocab] and `last_hidden` [T, hidden], f32.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Prompt token ids, comma-separated.
+    #[arg(long)]
+    ids: String,
+    #[arg(long, default_value_t = 64)]
+    max_new_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    temperature: f64,
+    /// Nucleus sampling threshold, in (0, 1].
+    #[arg(long, allow_negative_numbers = true)]
+    top_p: Option<f64>,
+    #[arg(long)]
+    top_k: Option<usize>,
+    #[arg(long, default_value_t = 299792458)]
+    seed: u64,
+    /// Keep generating past the config's end-of-sequence id(s).
+    #[arg(long)]
+    ignore_eos: bool,
+    /// What to print: `ids` (one comma-separated line) or `stats` (ids, then timing on stderr).
+    #[arg(long, default_value = "ids")]
+    print: String,
+}
+
+#[derive(Args)]
+struct VerifyArgs {
+    /// Fixture directory (holding vl-f32/, vl-bf16/, ...).
+    #[arg(long)]
+    fixtures: PathBuf,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// f32 or bf16.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Logits(a) => logits(a),
+        Command::Generate(a) => generate(a),
+        Command::Inspect(a) => inspect::run(a),
+        Command::Verify(a) => verify(a),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn parse_dtype(s: &str) -> Result<DType> {
+    match s.to_ascii_lowercase().as_str() {
+        "f32" | "float32" => Ok(DType::F32),
+        "bf16" | "bfloat16" => Ok(DType::BF16),
+        "f16" | "float16" => Ok(DType::F16),
+        other => bail!("unknown dtype `{other}`: use f32, bf16 or f16"),
+    }
+}
+
+fn parse_device(s: &str) -> Result<Device> {
+    let s = s.to_ascii_lowercase();
+    let ordinal = match s.as_str() {
+        "cpu" => return Ok(Device::Cpu),
+        "cuda" | "gpu" => 0,
+        other => match other.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()) {
+            Some(n) => n,
+            None => bail!("unknown device `{other}`: use cpu, cuda or cuda:N"),
+        },
+    };
+    if !candle_core::utils::cuda_is_available() {
+        bail!("device `{s}` requested, but this binary was built without CUDA support (rebuild with `--features cuda`)");
+    }
+    Device::new_cuda(ordinal).with_context(|| format!("opening CUDA device {ordinal}"))
+}
+
+fn parse_ids(s: &str) -> Result<Vec<u32>> {
+    let ids = s
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|p| p.parse::<u32>().with_context(|| format!("`{p}` in --ids is not a token id")))
+        .collect::<Result<Vec<_>>>()?;
+    if ids.is_empty() {
+        bail!("--ids is empty: give at least one token id");
+    }
+    Ok(ids)
+}
+
+fn logits(a: LogitsArgs) -> Result<ExitCode> {
+    let ids = parse_ids(&a.ids)?;
+    let model = a.model.load(&a.model.open()?)?;
+    let (batch, lens) = model.batch_ids(&[&ids])?;
+    let mut cache = model.new_cache(1, ids.len())?;
+    let hidden = model.forward(&batch, &lens, &mut cache, None)?.squeeze(0)?;
+    let logits = model.logits(&hidden)?;
+    let tensors = [("logits", logits), ("last_hidden", hidden.to_dtype(DType::F32)?)];
+    candle_core::safetensors::save(&tensors.into_iter().collect(), &a.out)
+        .with_context(|| format!("writing {}", a.out.display()))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn generate(a: GenerateArgs) -> Result<ExitCode> {
+    let ids = parse_ids(&a.ids)?;
+    if !matches!(a.print.as_str(), "ids" | "stats") {
+        bail!("--print must be `ids` or `stats`, not `{}`", a.print);
+    }
+    let params = step3::SamplingParams {
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        seed: a.seed,
+        max_new_tokens: a.max_new_tokens,
+        stop_token_ids: Vec::new(),
+    };
+    params.validate()?;
+    let ckpt = a.model.open()?;
+    let params = step3::SamplingParams {
+        stop_token_ids: if a.ignore_eos { Vec::new() } else { ckpt.config().eos_token_ids.clone() },
+        ..params
+    };
+    let model = a.model.load(&ckpt)?;
+    let out = step3::generate(&model, &ids, &params, |_| {})?;
+    println!("{}", out.tokens.iter().map(u32::to_string).collect::<Vec<_>>().join(","));
+    if a.print == "stats" {
+        eprintln!(
+            "prompt {} tokens, generated {} ({:?}); prefill {:.1} tok/s, decode {:.1} tok/s",
+            out.prompt_tokens,
+            out.tokens.len(),
+            out.finish,
+            out.prefill_tokens_per_sec(),
+            out.decode_tokens_per_sec()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn verify(a: VerifyArgs) -> Result<ExitCode> {
+    let dtype = parse_dtype(&a.dtype)?;
+    let device = parse_device(&a.device)?;
+    let checks = step3::verify::verify_fixtures(&a.fixtures, dtype, &device)?;
+    for c in &checks {
+        println!("{c}");
+    }
+    let failed = checks.iter().filter(|c| c.failed()).count();
+    println!("{} goldens checked on {} in {:?}: {} failed", checks.len(), a.device, dtype, failed);
+    Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}

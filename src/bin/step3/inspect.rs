@@ -1,0 +1,163 @@
+//! `step3 inspect`: what a checkpoint or config describes, and whether the weights match it.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use serde_json::json;
+use step3::{kv_bytes_per_token, param_counts, Step3Checkpoint, Step3Config, TextConfig};
+
+#[derive(Args)]
+pub struct InspectArgs {
+    /// Checkpoint directory (config.json + weights): also checks the tensor inventory.
+    #[arg(long, conflicts_with = "config")]
+    model_dir: Option<PathBuf>,
+    /// A config.json alone (no weights needed).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `1,2,3,7,8` → `1-3, 7-8`.
+fn ranges(layers: &[usize]) -> String {
+    let mut out: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < layers.len() {
+        let start = layers[i];
+        while i + 1 < layers.len() && layers[i + 1] == layers[i] + 1 {
+            i += 1;
+        }
+        out.push(if layers[i] == start { start.to_string() } else { format!("{start}-{}", layers[i]) });
+        i += 1;
+    }
+    if out.is_empty() {
+        "none".into()
+    } else {
+        out.join(", ")
+    }
+}
+
+fn human(n: u64) -> String {
+    match n {
+        n if n >= 1_000_000_000 => format!("{:.2}B", n as f64 / 1e9),
+        n if n >= 1_000_000 => format!("{:.2}M", n as f64 / 1e6),
+        n if n >= 1_000 => format!("{:.1}K", n as f64 / 1e3),
+        n => n.to_string(),
+    }
+}
+
+fn bytes(n: u64) -> String {
+    match n {
+        n if n >= 1 << 30 => format!("{:.2} GiB", n as f64 / (1u64 << 30) as f64),
+        n if n >= 1 << 20 => format!("{:.2} MiB", n as f64 / (1u64 << 20) as f64),
+        n if n >= 1 << 10 => format!("{:.1} KiB", n as f64 / 1024.0),
+        n => format!("{n} B"),
+    }
+}
+
+pub fn run(a: InspectArgs) -> Result<ExitCode> {
+    let (config, ckpt) = match (&a.model_dir, &a.config) {
+        (Some(dir), _) => {
+            let ckpt =
+                Step3Checkpoint::open(dir).with_context(|| format!("opening the checkpoint in {}", dir.display()))?;
+            (ckpt.config().clone(), Some(ckpt))
+        }
+        (None, Some(file)) => (Step3Config::from_file(file)?, None),
+        (None, None) => bail!("give --model-dir DIR or --config FILE"),
+    };
+    let t: &TextConfig = &config.text;
+    let moe: Vec<usize> = (0..t.num_hidden_layers).filter(|&l| t.is_moe_layer(l)).collect();
+    let dense: Vec<usize> = (0..t.num_hidden_layers).filter(|&l| !t.is_moe_layer(l)).collect();
+    let p = param_counts(t);
+    let report = ckpt.as_ref().map(|c| c.check());
+
+    if a.json {
+        let mut out = json!({
+            "config": config.path,
+            "model_type": config.model_type,
+            "layers": t.num_hidden_layers,
+            "moe_layers": moe,
+            "dense_layers": dense,
+            "parameters": p,
+            "kv_cache_bytes_per_token": {
+                "bf16": kv_bytes_per_token(t, 2),
+                "fp8": kv_bytes_per_token(t, 1),
+                "f32": kv_bytes_per_token(t, 4),
+            },
+            "context": t.max_position_embedding(),
+        });
+        if let (Some(ckpt), Some(r)) = (&ckpt, &report) {
+            out["weights"] = json!({
+                "files": ckpt.weights().files(),
+                "file_bytes": ckpt.weights().file_bytes(),
+                "expected_tensors": r.checked,
+                "problems": r.problems.iter().map(|e| e.to_string()).collect::<Vec<_>>(),
+                "other_tensors": r.unexpected.len(),
+            });
+        }
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        println!("config          {} ({:?})", config.path.display(), config.model_type);
+        println!("layers          {} (MoE: {}; dense: {})", t.num_hidden_layers, ranges(&moe), ranges(&dense));
+        println!(
+            "attention       MFA: hidden {} -> q {} -> {} heads x {}; 1 K/V head; RoPE theta {}",
+            t.hidden_size, t.share_q_dim, t.num_attention_heads, t.head_dim, t.rope_theta
+        );
+        println!(
+            "feed-forward    dense {}; MoE {} experts x {} (top-{}, renormalise: {}) + shared {}",
+            t.intermediate_size,
+            t.moe_num_experts,
+            t.moe_intermediate_size,
+            t.moe_top_k,
+            t.norm_expert_weight,
+            t.share_expert_dim
+        );
+        println!("vocabulary      {} tokens; context {} tokens", t.vocab_size, t.max_position_embedding());
+        println!(
+            "parameters      {} language model ({} params); active per token {} ({} with the input embedding)",
+            human(p.total),
+            p.total,
+            human(p.active_per_token),
+            human(p.active_per_token + p.embedding)
+        );
+        println!(
+            "  by part       embedding {}, lm_head {}, attention {}, dense FFN {}, routed experts {}, shared experts {}, routers {}, norms {}",
+            human(p.embedding),
+            human(p.lm_head),
+            human(p.attention),
+            human(p.dense_ffn),
+            human(p.routed_experts),
+            human(p.shared_experts),
+            human(p.routers),
+            human(p.norms)
+        );
+        println!(
+            "KV cache        {} per token in bf16 ({} in 8-bit), {} per layer per token",
+            bytes(kv_bytes_per_token(t, 2) as u64),
+            bytes(kv_bytes_per_token(t, 1) as u64),
+            bytes((kv_bytes_per_token(t, 2) / t.num_hidden_layers) as u64)
+        );
+        if let (Some(ckpt), Some(r)) = (&ckpt, &report) {
+            println!(
+                "weights         {} file(s), {} on disk",
+                ckpt.weights().files().len(),
+                bytes(ckpt.weights().file_bytes())
+            );
+            if r.is_ok() {
+                println!("inventory       OK: all {} language-model tensors present with the expected shapes and dtypes", r.checked);
+            } else {
+                println!("inventory       {} problem(s) among {} expected tensors:", r.problems.len(), r.checked);
+                for e in &r.problems {
+                    println!("  - {e}");
+                }
+            }
+            if !r.unexpected.is_empty() {
+                println!("                {} other tensor(s) not used by the language model", r.unexpected.len());
+            }
+        }
+    }
+    Ok(if report.is_some_and(|r| !r.is_ok()) { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+}

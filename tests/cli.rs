@@ -1,0 +1,116 @@
+//! The `step3` binary as a user runs it: the exact command forms of the README.
+
+mod common;
+
+use common::*;
+
+const SEQ0: &str = "252,89,59,131,19,16,159,255,87,55,100";
+
+fn dir(name: &str) -> String {
+    fixtures().join(name).to_string_lossy().into_owned()
+}
+
+#[test]
+fn logits_writes_goldens_shapes_and_values() {
+    let out_dir = tempfile::tempdir().unwrap();
+    let out_file = out_dir.path().join("logits.safetensors");
+    let out = step3(&["logits", "--model-dir", &dir("vl-f32"), "--ids", SEQ0, "--out", out_file.to_str().unwrap(), "--dtype", "f32", "--device", "cpu"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let ours = read_tensors(&out_file);
+    let golden = read_tensors(&fixtures().join("vl-f32/golden.safetensors"));
+    for (key, golden_key) in [("logits", "text.seq0.prefill_logits"), ("last_hidden", "text.seq0.prefill_last_hidden")] {
+        let err = step3::verify::relative_error(&ours[key], &golden[golden_key]).unwrap();
+        assert!(err < 1e-4, "{key}: {err}");
+        assert_eq!(ours[key].dtype(), step3::DType::F32);
+    }
+}
+
+#[test]
+fn logits_in_bf16_is_close() {
+    let out_dir = tempfile::tempdir().unwrap();
+    let out_file = out_dir.path().join("logits.safetensors");
+    let ids = "116,209,216,97,147,121,83,173,171,148,81";
+    let out = step3(&["logits", "--model-dir", &dir("vl-bf16"), "--ids", ids, "--out", out_file.to_str().unwrap(), "--dtype", "bf16"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let golden = read_tensors(&fixtures().join("vl-bf16/golden.safetensors"));
+    let err = step3::verify::relative_error(&read_tensors(&out_file)["logits"], &golden["bf16compute.text.seq0.prefill_logits"]).unwrap();
+    assert!(err < step3::verify::BF16_TOLERANCE, "{err}");
+}
+
+#[test]
+fn generate_prints_exactly_the_greedy_ids() {
+    let out = step3(&["generate", "--model-dir", &dir("vl-f32"), "--ids", SEQ0, "--max-new-tokens", "8", "--temperature", "0", "--print", "ids"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "62,254,177,158,44,184,243,245\n");
+    let out = step3(&["generate", "--model-dir", &dir("moe-renorm-f32"), "--ids", "155,130,177,218,127,116", "--max-new-tokens", "8", "--temperature", "0", "--print", "ids"]);
+    assert_eq!(stdout(&out), "16,75,148,319,260,176,74,61\n");
+}
+
+#[test]
+fn sampling_is_reproducible_with_a_seed() {
+    let run = |seed: &str| {
+        let out = step3(&["generate", "--model-dir", &dir("vl-f32"), "--ids", SEQ0, "--max-new-tokens", "12", "--temperature", "1.0", "--top-p", "0.9", "--seed", seed]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        stdout(&out)
+    };
+    assert_eq!(run("7"), run("7"));
+    assert_ne!(run("7"), run("8"));
+}
+
+#[test]
+fn inspect_reports_the_real_step3_size() {
+    let config = format!("{}/configs/step3/config.json", env!("CARGO_MANIFEST_DIR"));
+    let out = step3(&["inspect", "--config", &config]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.contains("316.29B language model"), "{text}");
+    assert!(text.contains("MoE: 4-59; dense: 0-3, 60"), "{text}");
+    assert!(text.contains("61.0 KiB per token in bf16"), "{text}");
+    let out = step3(&["inspect", "--config", &config, "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(v["parameters"]["total"], 316_294_538_240u64);
+    assert_eq!(v["kv_cache_bytes_per_token"]["bf16"], 61 * 1024);
+}
+
+#[test]
+fn inspect_checks_the_inventory() {
+    let out = step3(&["inspect", "--model-dir", &dir("vl-f32")]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("inventory       OK: all 55 language-model tensors"), "{}", stdout(&out));
+}
+
+#[test]
+fn bad_arguments_fail_cleanly() {
+    let cases: [(&[&str], &str); 8] = [
+        (&["generate", "--model-dir", &dir("vl-f32"), "--ids", "1,x"], "`x` in --ids is not a token id"),
+        (&["generate", "--model-dir", &dir("vl-f32"), "--ids", ""], "--ids is empty"),
+        (&["generate", "--model-dir", &dir("vl-f32"), "--ids", "1,999"], "token id 999 is outside the vocabulary"),
+        (&["generate", "--model-dir", &dir("vl-f32"), "--ids", "1", "--temperature", "-1"], "temperature must be a number >= 0"),
+        (&["generate", "--model-dir", &dir("vl-f32"), "--ids", "1", "--temperature", "1", "--top-p", "1.5"], "top-p must be in (0, 1]"),
+        (&["generate", "--model-dir", &dir("vl-f32"), "--ids", "1", "--device", "tpu"], "unknown device `tpu`"),
+        (&["generate", "--model-dir", &dir("vl-f32"), "--ids", "1", "--dtype", "int4"], "unknown dtype `int4`"),
+        (&["generate", "--model-dir", "/nonexistent/model", "--ids", "1"], "/nonexistent/model"),
+    ];
+    for (args, needle) in cases {
+        let out = step3(args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains(needle), "{args:?}: {}", stderr(&out));
+        assert!(stdout(&out).is_empty(), "{args:?} printed {}", stdout(&out));
+    }
+}
+
+#[test]
+fn prompt_longer_than_the_context_is_refused() {
+    // The tiny checkpoint has a 4096-token context.
+    let ids = vec!["7"; 4096].join(",");
+    let out = step3(&["generate", "--model-dir", &dir("vl-f32"), "--ids", &ids, "--max-new-tokens", "1"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("no room in the model's context of 4096 tokens"), "{}", stderr(&out));
+}
+
+#[test]
+fn verify_runs_the_goldens() {
+    let out = step3(&["verify", "--fixtures", &fixtures().to_string_lossy(), "--device", "cpu", "--dtype", "f32"]);
+    assert!(out.status.success(), "{}", stdout(&out));
+    assert!(stdout(&out).contains(": 0 failed"), "{}", stdout(&out));
+}
