@@ -8,3 +8,8 @@ pub use candle_core::{DType, Device};
 pub use step3_model::*;
 
 pub mod verify;
+
+/// The README's examples are compiled as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

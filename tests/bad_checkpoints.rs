@@ -146,7 +146,11 @@ fn sharded_checkpoints_load_and_check_the_index() {
     let (mut a, mut b) = (std::collections::HashMap::new(), std::collections::HashMap::new());
     let mut map = serde_json::Map::new();
     for (i, (name, t)) in all.into_iter().enumerate() {
-        let (shard, file) = if i % 2 == 0 { (&mut a, "model-00001-of-00002.safetensors") } else { (&mut b, "model-00002-of-00002.safetensors") };
+        let (shard, file) = if i % 2 == 0 {
+            (&mut a, "model-00001-of-00002.safetensors")
+        } else {
+            (&mut b, "model-00002-of-00002.safetensors")
+        };
         shard.insert(name.clone(), t);
         map.insert(name, file.into());
     }
@@ -156,7 +160,19 @@ fn sharded_checkpoints_load_and_check_the_index() {
     std::fs::write(dir.path().join("model.safetensors.index.json"), index.to_string()).unwrap();
 
     // Loads, and gives the same logits as the single file.
-    let out = step3(&["generate", "--model-dir", dir.path().to_str().unwrap(), "--ids", "252,89,59,131,19,16,159,255,87,55,100", "--max-new-tokens", "8", "--temperature", "0", "--print", "ids"]);
+    let out = step3(&[
+        "generate",
+        "--model-dir",
+        dir.path().to_str().unwrap(),
+        "--ids",
+        "252,89,59,131,19,16,159,255,87,55,100",
+        "--max-new-tokens",
+        "8",
+        "--temperature",
+        "0",
+        "--print",
+        "ids",
+    ]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(stdout(&out).trim(), "62,254,177,158,44,184,243,245");
 

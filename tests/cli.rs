@@ -14,11 +14,24 @@ fn dir(name: &str) -> String {
 fn logits_writes_goldens_shapes_and_values() {
     let out_dir = tempfile::tempdir().unwrap();
     let out_file = out_dir.path().join("logits.safetensors");
-    let out = step3(&["logits", "--model-dir", &dir("vl-f32"), "--ids", SEQ0, "--out", out_file.to_str().unwrap(), "--dtype", "f32", "--device", "cpu"]);
+    let out = step3(&[
+        "logits",
+        "--model-dir",
+        &dir("vl-f32"),
+        "--ids",
+        SEQ0,
+        "--out",
+        out_file.to_str().unwrap(),
+        "--dtype",
+        "f32",
+        "--device",
+        "cpu",
+    ]);
     assert!(out.status.success(), "{}", stderr(&out));
     let ours = read_tensors(&out_file);
     let golden = read_tensors(&fixtures().join("vl-f32/golden.safetensors"));
-    for (key, golden_key) in [("logits", "text.seq0.prefill_logits"), ("last_hidden", "text.seq0.prefill_last_hidden")] {
+    for (key, golden_key) in [("logits", "text.seq0.prefill_logits"), ("last_hidden", "text.seq0.prefill_last_hidden")]
+    {
         let err = step3::verify::relative_error(&ours[key], &golden[golden_key]).unwrap();
         assert!(err < 1e-4, "{key}: {err}");
         assert_eq!(ours[key].dtype(), step3::DType::F32);
@@ -30,26 +43,78 @@ fn logits_in_bf16_is_close() {
     let out_dir = tempfile::tempdir().unwrap();
     let out_file = out_dir.path().join("logits.safetensors");
     let ids = "116,209,216,97,147,121,83,173,171,148,81";
-    let out = step3(&["logits", "--model-dir", &dir("vl-bf16"), "--ids", ids, "--out", out_file.to_str().unwrap(), "--dtype", "bf16"]);
+    let out = step3(&[
+        "logits",
+        "--model-dir",
+        &dir("vl-bf16"),
+        "--ids",
+        ids,
+        "--out",
+        out_file.to_str().unwrap(),
+        "--dtype",
+        "bf16",
+    ]);
     assert!(out.status.success(), "{}", stderr(&out));
     let golden = read_tensors(&fixtures().join("vl-bf16/golden.safetensors"));
-    let err = step3::verify::relative_error(&read_tensors(&out_file)["logits"], &golden["bf16compute.text.seq0.prefill_logits"]).unwrap();
+    let err = step3::verify::relative_error(
+        &read_tensors(&out_file)["logits"],
+        &golden["bf16compute.text.seq0.prefill_logits"],
+    )
+    .unwrap();
     assert!(err < step3::verify::BF16_TOLERANCE, "{err}");
 }
 
 #[test]
 fn generate_prints_exactly_the_greedy_ids() {
-    let out = step3(&["generate", "--model-dir", &dir("vl-f32"), "--ids", SEQ0, "--max-new-tokens", "8", "--temperature", "0", "--print", "ids"]);
+    let out = step3(&[
+        "generate",
+        "--model-dir",
+        &dir("vl-f32"),
+        "--ids",
+        SEQ0,
+        "--max-new-tokens",
+        "8",
+        "--temperature",
+        "0",
+        "--print",
+        "ids",
+    ]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(stdout(&out), "62,254,177,158,44,184,243,245\n");
-    let out = step3(&["generate", "--model-dir", &dir("moe-renorm-f32"), "--ids", "155,130,177,218,127,116", "--max-new-tokens", "8", "--temperature", "0", "--print", "ids"]);
+    let out = step3(&[
+        "generate",
+        "--model-dir",
+        &dir("moe-renorm-f32"),
+        "--ids",
+        "155,130,177,218,127,116",
+        "--max-new-tokens",
+        "8",
+        "--temperature",
+        "0",
+        "--print",
+        "ids",
+    ]);
     assert_eq!(stdout(&out), "16,75,148,319,260,176,74,61\n");
 }
 
 #[test]
 fn sampling_is_reproducible_with_a_seed() {
     let run = |seed: &str| {
-        let out = step3(&["generate", "--model-dir", &dir("vl-f32"), "--ids", SEQ0, "--max-new-tokens", "12", "--temperature", "1.0", "--top-p", "0.9", "--seed", seed]);
+        let out = step3(&[
+            "generate",
+            "--model-dir",
+            &dir("vl-f32"),
+            "--ids",
+            SEQ0,
+            "--max-new-tokens",
+            "12",
+            "--temperature",
+            "1.0",
+            "--top-p",
+            "0.9",
+            "--seed",
+            seed,
+        ]);
         assert!(out.status.success(), "{}", stderr(&out));
         stdout(&out)
     };
@@ -85,8 +150,14 @@ fn bad_arguments_fail_cleanly() {
         (&["generate", "--model-dir", &dir("vl-f32"), "--ids", "1,x"], "`x` in --ids is not a token id"),
         (&["generate", "--model-dir", &dir("vl-f32"), "--ids", ""], "--ids is empty"),
         (&["generate", "--model-dir", &dir("vl-f32"), "--ids", "1,999"], "token id 999 is outside the vocabulary"),
-        (&["generate", "--model-dir", &dir("vl-f32"), "--ids", "1", "--temperature", "-1"], "temperature must be a number >= 0"),
-        (&["generate", "--model-dir", &dir("vl-f32"), "--ids", "1", "--temperature", "1", "--top-p", "1.5"], "top-p must be in (0, 1]"),
+        (
+            &["generate", "--model-dir", &dir("vl-f32"), "--ids", "1", "--temperature", "-1"],
+            "temperature must be a number >= 0",
+        ),
+        (
+            &["generate", "--model-dir", &dir("vl-f32"), "--ids", "1", "--temperature", "1", "--top-p", "1.5"],
+            "top-p must be in (0, 1]",
+        ),
         (&["generate", "--model-dir", &dir("vl-f32"), "--ids", "1", "--device", "tpu"], "unknown device `tpu`"),
         (&["generate", "--model-dir", &dir("vl-f32"), "--ids", "1", "--dtype", "int4"], "unknown dtype `int4`"),
         (&["generate", "--model-dir", "/nonexistent/model", "--ids", "1"], "/nonexistent/model"),

@@ -96,6 +96,11 @@ impl KvCache {
     pub fn reset(&mut self) {
         self.len = 0;
     }
+
+    /// Forgets the tokens after the first `len` (used to roll back a step that failed).
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
 }
 
 /// Positions, RoPE angles and the attention mask of one forward step, computed once and shared by

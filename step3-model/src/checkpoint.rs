@@ -196,8 +196,9 @@ impl Checkpoint {
             expected: "a dtype candle supports".into(),
         })?;
         let shard = &self.shards[info.file];
-        let bytes = &shard.mmap[shard.data_start + info.range.0..shard.data_start + info.range.1];
-        let tensor = Tensor::from_raw_buffer(bytes, stored, &info.shape, device)?;
+        let (start, end) = (shard.data_start + info.range.0, shard.data_start + info.range.1);
+        let tensor = Tensor::from_raw_buffer(&shard.mmap[start..end], stored, &info.shape, device)?;
+        shard.release(start, end - start);
         Ok(if stored == dtype { tensor } else { tensor.to_dtype(dtype)? })
     }
 }
@@ -218,6 +219,21 @@ impl Shard {
             })
             .collect();
         Ok((Self { path: path.to_path_buf(), mmap, data_start: 8 + header_len }, header))
+    }
+
+    /// Drops the pages of a range that has been copied out from this process's resident set, so
+    /// loading a model peaks at about one copy of the weights rather than two. The pages stay in
+    /// the page cache and fault back in from the file if read again.
+    fn release(&self, offset: usize, len: usize) {
+        #[cfg(unix)]
+        // SAFETY: the mapping is read-only and file-backed, so MADV_DONTNEED discards nothing: a
+        // later read faults the same bytes back in from the file. No slice into the range is live.
+        unsafe {
+            // Advice only; failure changes nothing but memory use.
+            let _ = self.mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, len);
+        }
+        #[cfg(not(unix))]
+        let _ = (offset, len);
     }
 }
 

@@ -205,16 +205,29 @@ impl Step3TextModel {
         let (_, t, _) = xs.dims3()?;
         cache.table.check(lens, t)?;
         let step = cache.table.step(lens, t, &self.rope, self.dtype, &self.device)?;
-        let mut xs = xs.to_dtype(self.dtype)?;
-        for (l, (layer, kv)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
-            let (out, routing) = layer.forward(&xs, &self.rope, &step, kv)?;
-            xs = out;
-            if let (Some(trace), Some(routing)) = (trace.as_deref_mut(), routing) {
-                trace.push(LayerRouting { layer: l, routing });
+        let run = |cache: &mut Step3Cache, trace: &mut Option<&mut Vec<LayerRouting>>| -> Result<Tensor> {
+            let mut xs = xs.to_dtype(self.dtype)?;
+            for (l, (layer, kv)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
+                let (out, routing) = layer.forward(&xs, &self.rope, &step, kv)?;
+                xs = out;
+                if let (Some(trace), Some(routing)) = (trace.as_deref_mut(), routing) {
+                    trace.push(LayerRouting { layer: l, routing });
+                }
+            }
+            Ok(self.norm.forward(&xs)?)
+        };
+        match run(cache, &mut trace) {
+            Ok(hidden) => {
+                cache.table.advance(lens, t);
+                Ok(hidden)
+            }
+            Err(e) => {
+                // Leave the cache as it was before the step, so the caller may retry or go on.
+                let slots = cache.table.slots();
+                cache.layers.iter_mut().for_each(|kv| kv.truncate(slots));
+                Err(e)
             }
         }
-        cache.table.advance(lens, t);
-        Ok(self.norm.forward(&xs)?)
     }
 
     /// [`Self::forward_embeds`] on token ids `[B, T]` (u32).

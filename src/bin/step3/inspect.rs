@@ -147,7 +147,10 @@ pub fn run(a: InspectArgs) -> Result<ExitCode> {
                 bytes(ckpt.weights().file_bytes())
             );
             if r.is_ok() {
-                println!("inventory       OK: all {} language-model tensors present with the expected shapes and dtypes", r.checked);
+                println!(
+                    "inventory       OK: all {} language-model tensors present with the expected shapes and dtypes",
+                    r.checked
+                );
             } else {
                 println!("inventory       {} problem(s) among {} expected tensors:", r.problems.len(), r.checked);
                 for e in &r.problems {

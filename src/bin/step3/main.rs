@@ -142,7 +142,9 @@ fn parse_device(s: &str) -> Result<Device> {
         },
     };
     if !candle_core::utils::cuda_is_available() {
-        bail!("device `{s}` requested, but this binary was built without CUDA support (rebuild with `--features cuda`)");
+        bail!(
+            "device `{s}` requested, but this binary was built without CUDA support (rebuild with `--features cuda`)"
+        );
     }
     Device::new_cuda(ordinal).with_context(|| format!("opening CUDA device {ordinal}"))
 }
