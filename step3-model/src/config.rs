@@ -415,7 +415,8 @@ mod tests {
 
     #[test]
     fn unsupported_values_are_named() {
-        let cases: Vec<(Box<dyn Fn(&mut serde_json::Map<String, Value>)>, &str)> = vec![
+        type Edit = Box<dyn Fn(&mut serde_json::Map<String, Value>)>;
+        let cases: Vec<(Edit, &str)> = vec![
             (
                 Box::new(|o| {
                     o.insert("num_attention_groups".into(), 2.into());

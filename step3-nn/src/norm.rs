@@ -91,7 +91,7 @@ mod tests {
         // Expected: normalise in f32, round to bf16, multiply by the bf16 gain, round to bf16.
         let xf = xb.to_dtype(DType::F32)?.to_vec1::<f32>()?;
         let gf = gain.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-        let unit = reference(&xf, &vec![1.0; 8], 1e-5);
+        let unit = reference(&xf, &[1.0; 8], 1e-5);
         let want: Vec<f32> = unit
             .iter()
             .zip(&gf)
