@@ -274,14 +274,14 @@ fn text_prefixes(folder: &str, dtype: DType) -> Vec<(&'static str, Judge)> {
     match (folder, dtype) {
         ("vl-bf16", DType::F32) => vec![("f32compute.text", exact)],
         ("vl-bf16", DType::BF16) => vec![("bf16compute.text", bf16)],
-        ("vl-f32" | "moe-renorm-f32", DType::F32) => vec![("text", exact)],
-        ("vl-f32" | "moe-renorm-f32", DType::BF16) => vec![("text", bf16_of_f32)],
+        ("vl-f32" | "moe-renorm-f32" | "fp8-block", DType::F32) => vec![("text", exact)],
+        ("vl-f32" | "moe-renorm-f32" | "fp8-block", DType::BF16) => vec![("text", bf16_of_f32)],
         _ => Vec::new(),
     }
 }
 
 /// The checkpoint folders [`verify_fixtures`] knows, in report order.
-pub const TEXT_FOLDERS: [&str; 3] = ["vl-f32", "vl-bf16", "moe-renorm-f32"];
+pub const TEXT_FOLDERS: [&str; 4] = ["vl-f32", "vl-bf16", "moe-renorm-f32", "fp8-block"];
 
 /// Runs every golden of a fixture set (e.g. `tests/fixtures/step3-tiny`) that this build supports,
 /// computing in `dtype` (f32 or bf16) on `device`.
@@ -306,6 +306,9 @@ pub fn verify_fixtures(dir: &Path, dtype: DType, device: &Device) -> Result<Vec<
         if folder == "moe-renorm-f32" && dtype == DType::F32 {
             checks.extend(check_renorm_flag(&ckpt, &goldens, device)?);
         }
+        if folder == "fp8-block" {
+            checks.extend(check_fp8_weights(&ckpt, &goldens, device)?);
+        }
     }
     if !found {
         bail!("{} holds none of the fixture folders {TEXT_FOLDERS:?}", dir.display());
@@ -319,7 +322,7 @@ fn check_renorm_flag(ckpt: &Step3Checkpoint, goldens: &Goldens, device: &Device)
     let mut config = ckpt.config().text.clone();
     config.norm_expert_weight = false;
     let vb = ckpt.var_builder(DType::F32, device);
-    let model = Step3TextModel::new(&config, vb)?;
+    let model = Step3TextModel::new(&config, ckpt.weight_format(step3_model::Fp8Storage::Compact), vb)?;
     let judge = Judge { tolerance: F32_TOLERANCE, floats_gate: true, ids_gate: true, tag: "" };
     let mut out = Vec::new();
     for seq in goldens.sequences("no_renorm.text") {
@@ -329,6 +332,64 @@ fn check_renorm_flag(ckpt: &Step3Checkpoint, goldens: &Goldens, device: &Device)
         let logits = model.logits(&model.forward(&input, &[ids.len()], &mut cache, None)?)?;
         let key = format!("{seq}.prefill_logits");
         out.push(judge.rel(format!("{}/{key}", goldens.name), &logits.i(0)?, goldens.get(&key)?)?);
+    }
+    Ok(out)
+}
+
+/// `fp8-block` stores two dequantised weights and, for every quantised tensor, the float64 sum
+/// and absolute sum of its dequantised values: our block dequantisation must reproduce them.
+pub fn check_fp8_weights(ckpt: &Step3Checkpoint, goldens: &Goldens, device: &Device) -> Result<Vec<GoldenCheck>> {
+    let mut out = Vec::new();
+    let exact = |name: String, worst: f64| GoldenCheck {
+        name: format!("{}/{name}", goldens.name),
+        measure: Measure::RelErr { worst, tolerance: F32_TOLERANCE },
+        gating: true,
+    };
+    let mut keys: Vec<&String> = goldens.tensors.keys().filter(|k| k.starts_with("dequant.")).collect();
+    keys.sort();
+    for key in keys {
+        let spec = key.trim_start_matches("dequant.");
+        // `<weight>` or `<weight>.e<expert>_rows<start>_<end>`.
+        let (weight, slice) = match spec.rsplit_once(".weight.") {
+            Some((w, s)) => (format!("{w}.weight"), Some(s)),
+            None => (spec.to_string(), None),
+        };
+        let mut ours = ckpt.dense_weight(&weight, DType::F32, device)?;
+        if let Some(slice) = slice {
+            let parse = || -> Option<(usize, usize, usize)> {
+                let (e, rows) = slice.strip_prefix('e')?.split_once("_rows")?;
+                let (a, b) = rows.split_once('_')?;
+                Some((e.parse().ok()?, a.parse().ok()?, b.parse().ok()?))
+            };
+            let (e, a, b) = parse().with_context(|| format!("cannot read the slice in golden `{key}`"))?;
+            ours = ours.i(e)?.narrow(0, a, b - a)?;
+        }
+        out.push(exact(key.clone(), relative_error(&ours, goldens.get(key)?)?));
+    }
+    let listed = goldens
+        .json
+        .get("quantized_tensors")
+        .and_then(Value::as_object)
+        .context("golden.json lacks quantized_tensors")?;
+    let mut names: Vec<&String> = listed.keys().collect();
+    names.sort();
+    let fp8 = ckpt.fp8_tensors();
+    for name in names {
+        let want = &listed[name];
+        let field = |k: &str| want.get(k).and_then(Value::as_f64).with_context(|| format!("golden.json: {name}.{k}"));
+        let (sum, abs_sum) = (field("dequant_sum")?, field("dequant_abs_sum")?);
+        if !fp8.iter().any(|t| &t.name == name) {
+            bail!("golden.json lists {name} as quantised, but the checkpoint does not store it as FP8");
+        }
+        let values: Vec<f32> = ckpt.dense_weight(name, DType::F32, device)?.flatten_all()?.to_vec1()?;
+        let ours_sum: f64 = values.iter().map(|&v| v as f64).sum();
+        let ours_abs: f64 = values.iter().map(|&v| (v as f64).abs()).sum();
+        // Both relative to the absolute sum, which is never near zero.
+        out.push(exact(format!("quantized_tensors.{name}.dequant_sum"), (ours_sum - sum).abs() / abs_sum));
+        out.push(exact(format!("quantized_tensors.{name}.dequant_abs_sum"), (ours_abs - abs_sum).abs() / abs_sum));
+    }
+    if fp8.len() != listed.len() {
+        bail!("the checkpoint stores {} FP8 tensors, golden.json lists {}", fp8.len(), listed.len());
     }
     Ok(out)
 }

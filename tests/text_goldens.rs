@@ -43,9 +43,18 @@ fn f32_goldens_match_the_reference() {
         "moe-renorm-f32/text.seq0.router.layer2.topk_weights",
         "moe-renorm-f32/text.seq1.greedy_tokens",
         "moe-renorm-f32/no_renorm.text.seq1.prefill_logits",
+        "fp8-block/text.seq0.prefill_logits",
+        "fp8-block/text.seq1.decode_logits",
+        "fp8-block/text.seq1.greedy_tokens",
+        "fp8-block/dequant.model.layers.0.self_attn.k_proj.weight",
+        "fp8-block/dequant.model.layers.1.moe.down_proj.weight.e1_rows120_136",
+        "fp8-block/quantized_tensors.model.layers.1.moe.gate_proj.weight.dequant_abs_sum",
     ] {
         assert!(checks.iter().any(|c| c.name == want), "no check named {want}");
     }
+    // Every quantised tensor of the FP8 checkpoint has its sums checked.
+    let sums = checks.iter().filter(|c| c.name.starts_with("fp8-block/quantized_tensors.")).count();
+    assert_eq!(sums, 2 * 27);
     // Exact goldens are gating, and float agreement is far inside the tolerance.
     for c in &checks {
         assert!(c.gating, "{c}");

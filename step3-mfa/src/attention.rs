@@ -1,6 +1,6 @@
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
-use step3_nn::{Linear, RmsNorm};
+use step3_nn::{Linear, RmsNorm, WeightFormat};
 
 use crate::{AttentionStep, KvCache, RotaryEmbedding};
 
@@ -17,6 +17,8 @@ pub struct MfaConfig {
     pub head_dim: usize,
     /// Epsilon of `inter_norm` (`rms_norm_eps`).
     pub rms_norm_eps: f64,
+    /// How the projection weights are stored (dense or block-FP8).
+    pub weight_format: WeightFormat,
 }
 
 /// One MFA attention layer, weights named as in the checkpoint under
@@ -38,17 +40,27 @@ pub struct MfaAttention {
 impl MfaAttention {
     pub fn new(cfg: &MfaConfig, vb: VarBuilder) -> Result<Self> {
         let (h, q, d, n) = (cfg.hidden_size, cfg.share_q_dim, cfg.head_dim, cfg.num_heads);
+        let f = cfg.weight_format;
         Ok(Self {
-            q_proj: Linear::new(h, q, false, vb.pp("q_proj"))?,
+            q_proj: Linear::new(h, q, false, f, vb.pp("q_proj"))?,
             inter_norm: RmsNorm::new(q, cfg.rms_norm_eps, vb.pp("inter_norm"))?,
-            wq: Linear::new(q, n * d, false, vb.pp("wq"))?,
-            k_proj: Linear::new(h, d, false, vb.pp("k_proj"))?,
-            v_proj: Linear::new(h, d, false, vb.pp("v_proj"))?,
-            o_proj: Linear::new(n * d, h, false, vb.pp("o_proj"))?,
+            wq: Linear::new(q, n * d, false, f, vb.pp("wq"))?,
+            k_proj: Linear::new(h, d, false, f, vb.pp("k_proj"))?,
+            v_proj: Linear::new(h, d, false, f, vb.pp("v_proj"))?,
+            o_proj: Linear::new(n * d, h, false, f, vb.pp("o_proj"))?,
             num_heads: n,
             head_dim: d,
             scale: 1.0 / (d as f64).sqrt(),
         })
+    }
+
+    /// Bytes of all weights held in memory.
+    pub fn storage_bytes(&self) -> usize {
+        [&self.q_proj, &self.wq, &self.k_proj, &self.v_proj, &self.o_proj]
+            .iter()
+            .map(|l| l.storage_bytes())
+            .sum::<usize>()
+            + self.inter_norm.storage_bytes()
     }
 
     /// `xs: [B, T, H]` (already normalised by the layer's input norm) → `[B, T, H]`.

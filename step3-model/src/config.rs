@@ -223,6 +223,67 @@ impl TextConfig {
     }
 }
 
+/// Block-FP8 weight quantisation (`quantization_config` with `quant_method: fp8`): weights in
+/// `float8_e4m3fn` with one f32 scale per `weight_block_size` block, dequantised as
+/// `W = f32(Wq) · scale_inv[r / b0, c / b1]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct QuantizationConfig {
+    /// `[rows, cols]` of a scale block.
+    pub weight_block_size: [usize; 2],
+    /// `activation_scheme` (only `dynamic` is accepted; activations are not quantised here).
+    pub activation_scheme: String,
+}
+
+impl QuantizationConfig {
+    fn parse(value: &Value, path: &Path) -> Result<Self> {
+        let key = |k: &str| format!("quantization_config.{k}");
+        let obj = value.as_object().ok_or_else(|| Error::key(path, "quantization_config", "must be an object"))?;
+        let text = |k: &str| obj.get(k).and_then(Value::as_str);
+        match text("quant_method") {
+            Some("fp8") => {}
+            Some(other) => {
+                return Err(Error::key(
+                    path,
+                    key("quant_method"),
+                    format!(
+                        "is \"{other}\": unsupported quantization (this build reads block-FP8, quant_method \"fp8\")"
+                    ),
+                ))
+            }
+            None => return Err(Error::key(path, key("quant_method"), "is missing")),
+        }
+        match text("fmt") {
+            None | Some("e4m3") | Some("float8_e4m3fn") => {}
+            Some(other) => {
+                return Err(Error::key(path, key("fmt"), format!("is \"{other}\": unsupported FP8 format (only e4m3)")))
+            }
+        }
+        let activation_scheme = text("activation_scheme").unwrap_or("dynamic").to_string();
+        if activation_scheme != "dynamic" {
+            return Err(Error::key(
+                path,
+                key("activation_scheme"),
+                format!("is \"{activation_scheme}\": unsupported (only dynamic activation scaling)"),
+            ));
+        }
+        let block =
+            obj.get("weight_block_size").ok_or_else(|| Error::key(path, key("weight_block_size"), "is missing"))?;
+        let weight_block_size = match block.as_array().map(|a| a.iter().map(Value::as_u64).collect::<Vec<_>>()) {
+            Some(v) if v.len() == 2 && v.iter().all(|x| x.is_some_and(|x| x > 0)) => {
+                [v[0].unwrap_or_default() as usize, v[1].unwrap_or_default() as usize]
+            }
+            _ => {
+                return Err(Error::key(
+                    path,
+                    key("weight_block_size"),
+                    format!("must be two positive integers like [128, 128], found {block}"),
+                ))
+            }
+        };
+        Ok(Self { weight_block_size, activation_scheme })
+    }
+}
+
 /// A parsed and validated Step3 `config.json`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Step3Config {
@@ -230,8 +291,8 @@ pub struct Step3Config {
     pub text: TextConfig,
     /// The raw `vision_config` section (step3_vl only).
     pub vision: Option<Value>,
-    /// The raw `quantization_config` section, if any.
-    pub quantization: Option<Value>,
+    /// Block-FP8 quantisation of the language model's linear weights, if any.
+    pub quantization: Option<QuantizationConfig>,
     /// Token id of `<im_patch>` (step3_vl only).
     pub image_token_id: Option<u32>,
     pub bos_token_id: Option<u32>,
@@ -315,7 +376,10 @@ impl Step3Config {
             model_type,
             text,
             vision,
-            quantization: obj.get("quantization_config").filter(|v| !v.is_null()).cloned(),
+            quantization: match obj.get("quantization_config").filter(|v| !v.is_null()) {
+                Some(v) => Some(QuantizationConfig::parse(v, path)?),
+                None => None,
+            },
             image_token_id,
             bos_token_id,
             eos_token_ids,
@@ -487,6 +551,27 @@ mod tests {
         assert_eq!(c.eos_token_ids, vec![7, 9]);
         assert_eq!(c.image_token_id, Some(301));
         assert!(err(r#"{"hidden_size": 3}"#).contains("`model_type` is missing"));
+        let q = |q: Value| {
+            let v = serde_json::json!({"model_type": "step3_vl", "text_config": text, "vision_config": {}, "quantization_config": q});
+            Step3Config::from_json_str(&v.to_string(), "c.json")
+        };
+        let ok = q(
+            serde_json::json!({"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}),
+        );
+        assert_eq!(ok.unwrap().quantization.unwrap().weight_block_size, [128, 128]);
+        let e = q(serde_json::json!({"quant_method": "awq", "weight_block_size": [128, 128]})).unwrap_err().to_string();
+        assert!(e.contains("`quantization_config.quant_method` is \"awq\": unsupported quantization"), "{e}");
+        let e = q(serde_json::json!({"quant_method": "fp8", "fmt": "e5m2", "weight_block_size": [128, 128]}))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("quantization_config.fmt"), "{e}");
+        let e = q(serde_json::json!({"quant_method": "fp8", "weight_block_size": [128]})).unwrap_err().to_string();
+        assert!(e.contains("quantization_config.weight_block_size"), "{e}");
+        let e =
+            q(serde_json::json!({"quant_method": "fp8", "activation_scheme": "static", "weight_block_size": [1, 1]}))
+                .unwrap_err()
+                .to_string();
+        assert!(e.contains("quantization_config.activation_scheme"), "{e}");
         assert!(err("{not json").contains("not valid JSON"));
     }
 }

@@ -35,6 +35,8 @@ pub enum Error {
     TensorShape { name: String, file: PathBuf, expected: Vec<usize>, found: Vec<usize> },
     #[error("tensor `{name}` in {}: dtype {found} is not supported here (expected {expected})", file.display())]
     TensorDtype { name: String, file: PathBuf, found: String, expected: String },
+    #[error("block-FP8 weight `{weight}` has no scale tensor (`{weight}_scale_inv` or `{weight}_scale`)")]
+    MissingScale { weight: String },
     /// The checkpoint failed the inventory check; the first problem is shown, all are listed.
     #[error("{first}{}", if more.is_empty() { String::new() } else { format!(" (and {} more problems)", more.len()) })]
     Inventory { first: Box<Error>, more: Vec<Error> },

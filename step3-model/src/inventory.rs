@@ -3,8 +3,10 @@
 
 use safetensors::tensor::Dtype as StDtype;
 
+use candle_core::DType;
+
 use crate::checkpoint::Checkpoint;
-use crate::config::TextConfig;
+use crate::config::{QuantizationConfig, TextConfig};
 use crate::Error;
 
 /// A tensor the config says the checkpoint must hold.
@@ -12,11 +14,18 @@ use crate::Error;
 pub struct ExpectedTensor {
     pub name: String,
     pub shape: Vec<usize>,
+    /// May be stored block-FP8 (the language model's linear weights; not embeddings, norms, the
+    /// router, `lm_head` or anything of the vision tower).
+    pub quantizable: bool,
 }
 
 impl ExpectedTensor {
     fn new(name: impl Into<String>, shape: &[usize]) -> Self {
-        Self { name: name.into(), shape: shape.to_vec() }
+        Self { name: name.into(), shape: shape.to_vec(), quantizable: false }
+    }
+
+    fn linear(name: impl Into<String>, shape: &[usize]) -> Self {
+        Self { quantizable: true, ..Self::new(name, shape) }
     }
 
     pub fn numel(&self) -> usize {
@@ -33,24 +42,24 @@ pub fn text_tensors(c: &TextConfig) -> Vec<ExpectedTensor> {
         let p = format!("model.layers.{l}");
         out.push(ExpectedTensor::new(format!("{p}.input_layernorm.weight"), &[h]));
         out.push(ExpectedTensor::new(format!("{p}.post_attention_layernorm.weight"), &[h]));
-        out.push(ExpectedTensor::new(format!("{p}.self_attn.q_proj.weight"), &[q, h]));
-        out.push(ExpectedTensor::new(format!("{p}.self_attn.k_proj.weight"), &[d, h]));
-        out.push(ExpectedTensor::new(format!("{p}.self_attn.v_proj.weight"), &[d, h]));
+        out.push(ExpectedTensor::linear(format!("{p}.self_attn.q_proj.weight"), &[q, h]));
+        out.push(ExpectedTensor::linear(format!("{p}.self_attn.k_proj.weight"), &[d, h]));
+        out.push(ExpectedTensor::linear(format!("{p}.self_attn.v_proj.weight"), &[d, h]));
         out.push(ExpectedTensor::new(format!("{p}.self_attn.inter_norm.weight"), &[q]));
-        out.push(ExpectedTensor::new(format!("{p}.self_attn.wq.weight"), &[n * d, q]));
-        out.push(ExpectedTensor::new(format!("{p}.self_attn.o_proj.weight"), &[h, n * d]));
+        out.push(ExpectedTensor::linear(format!("{p}.self_attn.wq.weight"), &[n * d, q]));
+        out.push(ExpectedTensor::linear(format!("{p}.self_attn.o_proj.weight"), &[h, n * d]));
         if c.is_moe_layer(l) {
             out.push(ExpectedTensor::new(format!("{p}.moe.gate.weight"), &[e, h]));
-            out.push(ExpectedTensor::new(format!("{p}.moe.gate_proj.weight"), &[e, im, h]));
-            out.push(ExpectedTensor::new(format!("{p}.moe.up_proj.weight"), &[e, im, h]));
-            out.push(ExpectedTensor::new(format!("{p}.moe.down_proj.weight"), &[e, h, im]));
-            out.push(ExpectedTensor::new(format!("{p}.share_expert.gate_proj.weight"), &[s, h]));
-            out.push(ExpectedTensor::new(format!("{p}.share_expert.up_proj.weight"), &[s, h]));
-            out.push(ExpectedTensor::new(format!("{p}.share_expert.down_proj.weight"), &[h, s]));
+            out.push(ExpectedTensor::linear(format!("{p}.moe.gate_proj.weight"), &[e, im, h]));
+            out.push(ExpectedTensor::linear(format!("{p}.moe.up_proj.weight"), &[e, im, h]));
+            out.push(ExpectedTensor::linear(format!("{p}.moe.down_proj.weight"), &[e, h, im]));
+            out.push(ExpectedTensor::linear(format!("{p}.share_expert.gate_proj.weight"), &[s, h]));
+            out.push(ExpectedTensor::linear(format!("{p}.share_expert.up_proj.weight"), &[s, h]));
+            out.push(ExpectedTensor::linear(format!("{p}.share_expert.down_proj.weight"), &[h, s]));
         } else {
-            out.push(ExpectedTensor::new(format!("{p}.mlp.gate_proj.weight"), &[i, h]));
-            out.push(ExpectedTensor::new(format!("{p}.mlp.up_proj.weight"), &[i, h]));
-            out.push(ExpectedTensor::new(format!("{p}.mlp.down_proj.weight"), &[h, i]));
+            out.push(ExpectedTensor::linear(format!("{p}.mlp.gate_proj.weight"), &[i, h]));
+            out.push(ExpectedTensor::linear(format!("{p}.mlp.up_proj.weight"), &[i, h]));
+            out.push(ExpectedTensor::linear(format!("{p}.mlp.down_proj.weight"), &[h, i]));
         }
     }
     out.push(ExpectedTensor::new("model.norm.weight", &[h]));
@@ -87,32 +96,120 @@ impl InventoryReport {
     }
 }
 
-/// Checks presence, shape and dtype of every expected tensor.
-pub fn check(ckpt: &Checkpoint, expected: &[ExpectedTensor]) -> InventoryReport {
+/// The scale tensor stored next to a block-FP8 weight (`<name>_scale_inv`, or `<name>_scale`).
+pub fn scale_name(ckpt: &Checkpoint, weight: &str) -> Option<String> {
+    [format!("{weight}_scale_inv"), format!("{weight}_scale")].into_iter().find(|n| ckpt.contains(n))
+}
+
+/// Checks presence, shape and dtype of every expected tensor, and for block-FP8 weights the
+/// presence, shape and dtype of their scales.
+pub fn check(ckpt: &Checkpoint, expected: &[ExpectedTensor], quant: Option<&QuantizationConfig>) -> InventoryReport {
     let mut report = InventoryReport { checked: expected.len(), ..Default::default() };
+    let mut known: std::collections::HashSet<String> = expected.iter().map(|t| t.name.clone()).collect();
     for t in expected {
         let Some(info) = ckpt.info(&t.name) else {
             report.problems.push(Error::MissingTensor { name: t.name.clone(), within: None });
             continue;
         };
         let file = ckpt.file_of(info).to_path_buf();
+        let dtype_error = |expected: &str| Error::TensorDtype {
+            name: t.name.clone(),
+            file: file.clone(),
+            found: format!("{:?}", info.dtype),
+            expected: expected.into(),
+        };
         if info.shape != t.shape {
             report.problems.push(Error::TensorShape {
                 name: t.name.clone(),
-                file,
+                file: file.clone(),
                 expected: t.shape.clone(),
                 found: info.shape.clone(),
             });
+        } else if info.dtype == StDtype::F8_E4M3 {
+            match (t.quantizable, quant) {
+                (false, _) => report
+                    .problems
+                    .push(dtype_error("F32, BF16 or F16; only linear weights of the language model may be FP8")),
+                (true, None) => report.problems.push(dtype_error(
+                    "F32, BF16 or F16: the weight is F8_E4M3 but config.json has no quantization_config",
+                )),
+                (true, Some(q)) => {
+                    if let Some(problem) = check_scale(ckpt, t, q, &mut known) {
+                        report.problems.push(problem);
+                    }
+                }
+            }
         } else if !FLOAT_DTYPES.contains(&info.dtype) {
-            report.problems.push(Error::TensorDtype {
-                name: t.name.clone(),
-                file,
-                found: format!("{:?}", info.dtype),
-                expected: "F32, BF16 or F16".into(),
-            });
+            report.problems.push(dtype_error(if t.quantizable && quant.is_some() {
+                "F32, BF16, F16 or F8_E4M3"
+            } else {
+                "F32, BF16 or F16"
+            }));
         }
     }
-    let known: std::collections::HashSet<&str> = expected.iter().map(|t| t.name.as_str()).collect();
-    report.unexpected = ckpt.names().into_iter().filter(|n| !known.contains(n)).map(String::from).collect();
+    report.unexpected = ckpt.names().into_iter().filter(|n| !known.contains(*n)).map(String::from).collect();
     report
+}
+
+fn check_scale(
+    ckpt: &Checkpoint,
+    t: &ExpectedTensor,
+    q: &QuantizationConfig,
+    known: &mut std::collections::HashSet<String>,
+) -> Option<Error> {
+    let Some(name) = scale_name(ckpt, &t.name) else {
+        return Some(Error::MissingScale { weight: t.name.clone() });
+    };
+    known.insert(name.clone());
+    let info = ckpt.info(&name)?;
+    let want = scale_shape(&t.shape, q.weight_block_size);
+    if info.shape != want {
+        return Some(Error::TensorShape {
+            name,
+            file: ckpt.file_of(info).to_path_buf(),
+            expected: want,
+            found: info.shape.clone(),
+        });
+    }
+    if !FLOAT_DTYPES.contains(&info.dtype) {
+        return Some(Error::TensorDtype {
+            name,
+            file: ckpt.file_of(info).to_path_buf(),
+            found: format!("{:?}", info.dtype),
+            expected: "F32, BF16 or F16".into(),
+        });
+    }
+    None
+}
+
+/// Shape of the block scales of a weight: the last two dimensions divided by the block, rounded up.
+pub fn scale_shape(shape: &[usize], block: [usize; 2]) -> Vec<usize> {
+    let mut s = shape.to_vec();
+    let n = s.len();
+    if n >= 2 {
+        s[n - 2] = shape[n - 2].div_ceil(block[0]);
+        s[n - 1] = shape[n - 1].div_ceil(block[1]);
+    }
+    s
+}
+
+/// Expected tensors stored as block-FP8.
+pub fn fp8_tensors<'a>(ckpt: &Checkpoint, expected: &'a [ExpectedTensor]) -> Vec<&'a ExpectedTensor> {
+    expected.iter().filter(|t| ckpt.info(&t.name).is_some_and(|i| i.dtype == StDtype::F8_E4M3)).collect()
+}
+
+/// Bytes the loaded weights will occupy: FP8 weights kept compact count their stored bytes plus
+/// f32 scales; everything else `numel × size(dtype)`.
+pub fn resident_bytes(ckpt: &Checkpoint, expected: &[ExpectedTensor], dtype: DType, fp8_compact: bool) -> usize {
+    expected
+        .iter()
+        .map(|t| match ckpt.info(&t.name) {
+            Some(info) if info.dtype == StDtype::F8_E4M3 && fp8_compact => {
+                let scales =
+                    scale_name(ckpt, &t.name).and_then(|n| ckpt.info(&n).map(|i| i.shape.iter().product::<usize>()));
+                info.nbytes() + scales.unwrap_or(0) * 4
+            }
+            _ => t.numel() * dtype.size_in_bytes(),
+        })
+        .sum()
 }

@@ -9,7 +9,7 @@
 //!
 //! ```no_run
 //! # fn main() -> step3_model::Result<()> {
-//! use candle_core::{DType, Device};
+//! use candle_core::{DType, Device, Tensor};
 //! let ckpt = step3_model::Step3Checkpoint::open("path/to/step3")?;
 //! let model = ckpt.load_text_model(DType::BF16, &Device::Cpu)?;
 //! let params = step3_model::SamplingParams { max_new_tokens: 8, ..Default::default() };
@@ -28,16 +28,57 @@ mod text;
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 
 pub use checkpoint::Checkpoint;
-pub use config::{ModelType, Step3Config, TextConfig};
+pub use config::{ModelType, QuantizationConfig, Step3Config, TextConfig};
 pub use error::{Error, Result};
 pub use generation::{generate, FinishReason, GenerationOutput, SamplingParams};
 pub use inventory::{ExpectedTensor, InventoryReport};
 pub use params::{kv_bytes_per_token, param_counts, ParamCounts};
 pub use step3_moe::Routing;
+pub use step3_nn::{BlockFp8, Linear, Weight, WeightFormat};
 pub use text::{LayerRouting, Step3Cache, Step3TextModel};
+
+/// How block-FP8 weights are held once loaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Fp8Storage {
+    /// Keep the FP8 values and scales (≈ the checkpoint's size) and dequantise each weight when a
+    /// matmul uses it.
+    #[default]
+    Compact,
+    /// Dequantise everything to the compute dtype at load: faster, 2× (bf16) or 4× (f32) the memory.
+    Dequantized,
+}
+
+/// How to load a model.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Compute dtype: f32, bf16 or f16.
+    pub dtype: DType,
+    pub device: Device,
+    pub fp8: Fp8Storage,
+}
+
+impl LoadOptions {
+    pub fn with_dtype(self, dtype: DType) -> Self {
+        Self { dtype, ..self }
+    }
+
+    pub fn with_device(self, device: Device) -> Self {
+        Self { device, ..self }
+    }
+
+    pub fn with_fp8(self, fp8: Fp8Storage) -> Self {
+        Self { fp8, ..self }
+    }
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self { dtype: DType::BF16, device: Device::Cpu, fp8: Fp8Storage::Compact }
+    }
+}
 
 /// A Step3 checkpoint directory: its config and its (memory-mapped, not yet loaded) weights.
 #[derive(Debug)]
@@ -79,26 +120,55 @@ impl Step3Checkpoint {
         inventory::text_tensors(&self.config.text)
     }
 
-    /// Checks presence, shape and dtype of every expected tensor.
+    /// Checks presence, shape and dtype of every expected tensor (and of FP8 scales).
     pub fn check(&self) -> InventoryReport {
-        inventory::check(&self.weights, &self.expected_tensors())
+        inventory::check(&self.weights, &self.expected_tensors(), self.config.quantization.as_ref())
+    }
+
+    /// How linear weights are stored, for loading with `fp8`.
+    pub fn weight_format(&self, fp8: Fp8Storage) -> WeightFormat {
+        match &self.config.quantization {
+            None => WeightFormat::Dense,
+            Some(q) => WeightFormat::BlockFp8 {
+                block: q.weight_block_size,
+                dequantize_at_load: fp8 == Fp8Storage::Dequantized,
+            },
+        }
+    }
+
+    /// Expected tensors stored as block-FP8.
+    pub fn fp8_tensors(&self) -> Vec<ExpectedTensor> {
+        inventory::fp8_tensors(&self.weights, &self.expected_tensors()).into_iter().cloned().collect()
+    }
+
+    /// Bytes the language model's weights will occupy once loaded with these options.
+    pub fn resident_bytes(&self, dtype: DType, fp8: Fp8Storage) -> usize {
+        inventory::resident_bytes(&self.weights, &self.expected_tensors(), dtype, fp8 == Fp8Storage::Compact)
     }
 
     /// Checks the inventory, then builds the language model in `dtype` (f32, bf16 or f16) on
-    /// `device`. Tensors are read from the mapping one at a time.
+    /// `device`, keeping block-FP8 weights compact. Tensors are read from the mapping one at a time.
     pub fn load_text_model(&self, dtype: DType, device: &Device) -> Result<Step3TextModel> {
-        if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
-            return Err(Error::UnsupportedDtype(dtype));
-        }
-        if let Some(q) = &self.config.quantization {
-            return Err(Error::key(
-                &self.config.path,
-                "quantization_config",
-                format!("is not supported by this build: {q}"),
-            ));
+        self.load_text_model_with(&LoadOptions { dtype, device: device.clone(), fp8: Fp8Storage::Compact })
+    }
+
+    /// [`Self::load_text_model`] with every option.
+    pub fn load_text_model_with(&self, opts: &LoadOptions) -> Result<Step3TextModel> {
+        if !matches!(opts.dtype, DType::F32 | DType::BF16 | DType::F16) {
+            return Err(Error::UnsupportedDtype(opts.dtype));
         }
         self.check().into_result()?;
-        Ok(Step3TextModel::new(&self.config.text, self.var_builder(dtype, device))?)
+        let vb = self.var_builder(opts.dtype, &opts.device);
+        Ok(Step3TextModel::new(&self.config.text, self.weight_format(opts.fp8), vb)?)
+    }
+
+    /// One weight of the checkpoint as a dense tensor in `dtype` (FP8 weights dequantised with
+    /// their block scales).
+    pub fn dense_weight(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor> {
+        let info =
+            self.weights.info(name).ok_or_else(|| Error::MissingTensor { name: name.to_string(), within: None })?;
+        let vb = self.var_builder(dtype, device);
+        Ok(Weight::load(&vb, name, &info.shape.clone(), self.weight_format(Fp8Storage::Compact))?.to_dense()?)
     }
 
     /// A [`candle_nn::VarBuilder`] over the weights, converting to `dtype` on `device`, for

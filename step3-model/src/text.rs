@@ -5,7 +5,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 use step3_mfa::{KvCache, MfaAttention, MfaConfig, RotaryEmbedding, SequenceTable};
 use step3_moe::{MoeBlock, MoeConfig, Routing, SwiGluMlp};
-use step3_nn::{Linear, RmsNorm};
+use step3_nn::{Linear, RmsNorm, WeightFormat};
 
 use crate::config::TextConfig;
 use crate::{Error, Result};
@@ -29,19 +29,30 @@ struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    fn new(cfg: &TextConfig, layer: usize, vb: VarBuilder) -> candle_core::Result<Self> {
+    fn new(cfg: &TextConfig, layer: usize, format: WeightFormat, vb: VarBuilder) -> candle_core::Result<Self> {
         let eps = cfg.rms_norm_eps;
         let ffn = if cfg.is_moe_layer(layer) {
-            FeedForward::Moe(MoeBlock::new(&moe_config(cfg), vb.clone())?)
+            FeedForward::Moe(MoeBlock::new(&moe_config(cfg, format), vb.clone())?)
         } else {
-            FeedForward::Dense(SwiGluMlp::new(cfg.hidden_size, cfg.intermediate_size, vb.pp("mlp"))?)
+            FeedForward::Dense(SwiGluMlp::new(cfg.hidden_size, cfg.intermediate_size, format, vb.pp("mlp"))?)
         };
         Ok(Self {
             input_layernorm: RmsNorm::new(cfg.hidden_size, eps, vb.pp("input_layernorm"))?,
-            self_attn: MfaAttention::new(&mfa_config(cfg), vb.pp("self_attn"))?,
+            self_attn: MfaAttention::new(&mfa_config(cfg, format), vb.pp("self_attn"))?,
             post_attention_layernorm: RmsNorm::new(cfg.hidden_size, eps, vb.pp("post_attention_layernorm"))?,
             ffn,
         })
+    }
+
+    fn storage_bytes(&self) -> usize {
+        let ffn = match &self.ffn {
+            FeedForward::Dense(mlp) => mlp.storage_bytes(),
+            FeedForward::Moe(moe) => moe.storage_bytes(),
+        };
+        self.input_layernorm.storage_bytes()
+            + self.self_attn.storage_bytes()
+            + self.post_attention_layernorm.storage_bytes()
+            + ffn
     }
 
     fn forward(
@@ -65,18 +76,20 @@ impl DecoderLayer {
     }
 }
 
-pub(crate) fn mfa_config(cfg: &TextConfig) -> MfaConfig {
+pub(crate) fn mfa_config(cfg: &TextConfig, weight_format: WeightFormat) -> MfaConfig {
     MfaConfig {
         hidden_size: cfg.hidden_size,
         share_q_dim: cfg.share_q_dim,
         num_heads: cfg.num_attention_heads,
         head_dim: cfg.head_dim,
         rms_norm_eps: cfg.rms_norm_eps,
+        weight_format,
     }
 }
 
-pub(crate) fn moe_config(cfg: &TextConfig) -> MoeConfig {
+pub(crate) fn moe_config(cfg: &TextConfig, weight_format: WeightFormat) -> MoeConfig {
     MoeConfig {
+        weight_format,
         hidden_size: cfg.hidden_size,
         num_experts: cfg.moe_num_experts,
         top_k: cfg.moe_top_k,
@@ -144,18 +157,18 @@ pub struct Step3TextModel {
 
 impl Step3TextModel {
     /// Builds the model from `vb` positioned at the checkpoint root; weights are loaded in
-    /// `vb.dtype()` on `vb.device()`.
-    pub fn new(cfg: &TextConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+    /// `vb.dtype()` on `vb.device()`, linear weights stored as `format` says.
+    pub fn new(cfg: &TextConfig, format: WeightFormat, vb: VarBuilder) -> candle_core::Result<Self> {
         let m = vb.pp("model");
         let embed = m.pp("embed_tokens").get((cfg.vocab_size, cfg.hidden_size), "weight")?;
         let layers = (0..cfg.num_hidden_layers)
-            .map(|l| DecoderLayer::new(cfg, l, m.pp(format!("layers.{l}"))))
+            .map(|l| DecoderLayer::new(cfg, l, format, m.pp(format!("layers.{l}"))))
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Self {
             embed_tokens: Embedding::new(embed, cfg.hidden_size),
             layers,
             norm: RmsNorm::new(cfg.hidden_size, cfg.rms_norm_eps, m.pp("norm"))?,
-            lm_head: Linear::new(cfg.hidden_size, cfg.vocab_size, false, vb.pp("lm_head"))?,
+            lm_head: Linear::new(cfg.hidden_size, cfg.vocab_size, false, WeightFormat::Dense, vb.pp("lm_head"))?,
             rope: RotaryEmbedding::new(cfg.rope_theta, cfg.head_dim, vb.device())?,
             config: cfg.clone(),
             dtype: vb.dtype(),
@@ -174,6 +187,14 @@ impl Step3TextModel {
 
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// Bytes of all weights held in memory (FP8 weights count their compact size).
+    pub fn storage_bytes(&self) -> usize {
+        step3_nn::tensor_bytes(self.embed_tokens.embeddings())
+            + self.layers.iter().map(DecoderLayer::storage_bytes).sum::<usize>()
+            + self.norm.storage_bytes()
+            + self.lm_head.storage_bytes()
     }
 
     /// A cache for `batch` sequences of up to `capacity` tokens each (at most

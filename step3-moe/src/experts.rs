@@ -1,16 +1,18 @@
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
+use step3_nn::Weight;
 
 use crate::{MoeConfig, Routing};
 
 /// The routed experts of one MoE layer, kept stacked as stored in the checkpoint:
 /// `gate_proj [E, I, H]`, `up_proj [E, I, H]`, `down_proj [E, H, I]`. Expert `e` is the
-/// zero-copy slice `[e]` of each tensor.
+/// zero-copy slice `[e]` of each tensor (for block-FP8 weights, of the values and the scales;
+/// only the experts a step uses are dequantised).
 #[derive(Debug, Clone)]
 pub struct StackedExperts {
-    gate_proj: Tensor,
-    up_proj: Tensor,
-    down_proj: Tensor,
+    gate_proj: Weight,
+    up_proj: Weight,
+    down_proj: Weight,
     num_experts: usize,
 }
 
@@ -18,12 +20,18 @@ impl StackedExperts {
     /// Loads `{gate,up,down}_proj.weight` from `vb` (`model.layers.{i}.moe`).
     pub fn new(cfg: &MoeConfig, vb: VarBuilder) -> Result<Self> {
         let (e, h, i) = (cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size);
+        let f = cfg.weight_format;
         Ok(Self {
-            gate_proj: vb.get((e, i, h), "gate_proj.weight")?,
-            up_proj: vb.get((e, i, h), "up_proj.weight")?,
-            down_proj: vb.get((e, h, i), "down_proj.weight")?,
+            gate_proj: Weight::load(&vb.pp("gate_proj"), "weight", &[e, i, h], f)?,
+            up_proj: Weight::load(&vb.pp("up_proj"), "weight", &[e, i, h], f)?,
+            down_proj: Weight::load(&vb.pp("down_proj"), "weight", &[e, h, i], f)?,
             num_experts: e,
         })
+    }
+
+    /// Bytes of all expert weights held in memory.
+    pub fn storage_bytes(&self) -> usize {
+        self.gate_proj.storage_bytes() + self.up_proj.storage_bytes() + self.down_proj.storage_bytes()
     }
 
     pub fn num_experts(&self) -> usize {
@@ -60,9 +68,9 @@ impl StackedExperts {
             }
             let idx = Tensor::new(tokens[e].as_slice(), dev)?;
             let x = xs.index_select(&idx, 0)?;
-            let gate = x.matmul(&self.gate_proj.get(e)?.t()?)?;
-            let up = x.matmul(&self.up_proj.get(e)?.t()?)?;
-            let y = (candle_nn::ops::silu(&gate)? * up)?.matmul(&self.down_proj.get(e)?.t()?)?;
+            let gate = self.gate_proj.get(e)?.matmul_t(&x)?;
+            let up = self.up_proj.get(e)?.matmul_t(&x)?;
+            let y = self.down_proj.get(e)?.matmul_t(&(candle_nn::ops::silu(&gate)? * up)?)?;
             let w = weights.index_select(&Tensor::new(slots[e].as_slice(), dev)?, 0)?;
             outputs.push(y.broadcast_mul(&w.unsqueeze(1)?)?);
             rows.extend_from_slice(&tokens[e]);

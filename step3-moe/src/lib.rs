@@ -21,6 +21,7 @@ pub use router::{Router, Routing};
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
+use step3_nn::WeightFormat;
 
 /// Sizes of one MoE block (a slice of the model's text config).
 #[derive(Debug, Clone, PartialEq)]
@@ -36,6 +37,9 @@ pub struct MoeConfig {
     pub share_expert_dim: usize,
     /// Divide the selected probabilities by their sum (`norm_expert_weight`; false for Step3).
     pub norm_expert_weight: bool,
+    /// How expert and shared-expert weights are stored (dense or block-FP8). The router is
+    /// always dense.
+    pub weight_format: WeightFormat,
 }
 
 /// A Step3 MoE feed-forward block: `Σ_top-k w_e · Expert_e(x) + SharedExpert(x)`.
@@ -56,8 +60,18 @@ impl MoeBlock {
         Ok(Self {
             router: Router::new(cfg, moe.pp("gate"))?,
             experts: StackedExperts::new(cfg, moe)?,
-            shared_expert: SwiGluMlp::new(cfg.hidden_size, cfg.share_expert_dim, vb.pp("share_expert"))?,
+            shared_expert: SwiGluMlp::new(
+                cfg.hidden_size,
+                cfg.share_expert_dim,
+                cfg.weight_format,
+                vb.pp("share_expert"),
+            )?,
         })
+    }
+
+    /// Bytes of all weights held in memory.
+    pub fn storage_bytes(&self) -> usize {
+        self.router.storage_bytes() + self.experts.storage_bytes() + self.shared_expert.storage_bytes()
     }
 
     pub fn router(&self) -> &Router {

@@ -1,6 +1,6 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
-use step3_nn::Linear;
+use step3_nn::{Linear, WeightFormat};
 
 /// SwiGLU feed-forward: `down(silu(gate(x)) ⊙ up(x))`, no biases.
 ///
@@ -14,12 +14,17 @@ pub struct SwiGluMlp {
 }
 
 impl SwiGluMlp {
-    pub fn new(hidden_size: usize, intermediate_size: usize, vb: VarBuilder) -> Result<Self> {
+    pub fn new(hidden_size: usize, intermediate_size: usize, format: WeightFormat, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            gate_proj: Linear::new(hidden_size, intermediate_size, false, vb.pp("gate_proj"))?,
-            up_proj: Linear::new(hidden_size, intermediate_size, false, vb.pp("up_proj"))?,
-            down_proj: Linear::new(intermediate_size, hidden_size, false, vb.pp("down_proj"))?,
+            gate_proj: Linear::new(hidden_size, intermediate_size, false, format, vb.pp("gate_proj"))?,
+            up_proj: Linear::new(hidden_size, intermediate_size, false, format, vb.pp("up_proj"))?,
+            down_proj: Linear::new(intermediate_size, hidden_size, false, format, vb.pp("down_proj"))?,
         })
+    }
+
+    /// Bytes of all weights held in memory.
+    pub fn storage_bytes(&self) -> usize {
+        self.gate_proj.storage_bytes() + self.up_proj.storage_bytes() + self.down_proj.storage_bytes()
     }
 }
 

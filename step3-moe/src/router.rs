@@ -1,6 +1,6 @@
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
-use step3_nn::Linear;
+use step3_nn::{Linear, WeightFormat};
 
 use crate::MoeConfig;
 
@@ -30,7 +30,7 @@ impl Router {
             candle_core::bail!("moe_top_k = {} must be in 1..={} (moe_num_experts)", cfg.top_k, cfg.num_experts)
         }
         Ok(Self {
-            gate: Linear::new(cfg.hidden_size, cfg.num_experts, false, vb)?,
+            gate: Linear::new(cfg.hidden_size, cfg.num_experts, false, WeightFormat::Dense, vb)?,
             top_k: cfg.top_k,
             renormalize: cfg.norm_expert_weight,
         })
@@ -38,6 +38,11 @@ impl Router {
 
     pub fn top_k(&self) -> usize {
         self.top_k
+    }
+
+    /// Bytes of the router weight.
+    pub fn storage_bytes(&self) -> usize {
+        self.gate.storage_bytes()
     }
 
     /// `xs: [N, H]` → the routing of each of the `N` tokens.

@@ -2,12 +2,16 @@
 //!
 //! This crate owns the few building blocks that more than one part of Step3 needs and that must
 //! behave identically everywhere: [`RmsNorm`] (computed in f32, cast back, then scaled by the gain,
-//! exactly like StepFun's reference) and [`Linear`] (a `[out, in]` weight applied as `x · Wᵀ`, the
-//! one place where weight formats are handled). It owns no model structure, no configuration
-//! and no file handling: callers hand it a [`candle_nn::VarBuilder`] positioned at the layer.
+//! exactly like StepFun's reference), [`Weight`] (a weight matrix or a stack of expert matrices,
+//! dense or block-FP8 with per-128×128-block scales, dequantised on use), and [`Linear`] (a
+//! `[out, in]` weight applied as `x · Wᵀ`). Weight formats are handled here and nowhere else. It
+//! owns no model structure, no configuration and no file handling: callers hand it a
+//! [`candle_nn::VarBuilder`] positioned at the layer and a [`WeightFormat`].
 
 mod linear;
 mod norm;
+mod weight;
 
 pub use linear::Linear;
 pub use norm::RmsNorm;
+pub use weight::{tensor_bytes, BlockFp8, Weight, WeightFormat};

@@ -1,37 +1,49 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
+use crate::{Weight, WeightFormat};
+
 /// A linear layer `y = x · Wᵀ (+ b)` with the PyTorch weight layout `[out, in]`.
 ///
 /// Input `[..., in]`, output `[..., out]`. This is the single type every Step3 projection goes
-/// through, so alternative weight formats (block-FP8) can be added here without touching the
-/// layers that use it.
+/// through: the weight may be dense or block-FP8 (dequantised on each use, see [`Weight`]), and
+/// the layers using it never need to know.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    inner: candle_nn::Linear,
+    weight: Weight,
+    bias: Option<Tensor>,
 }
 
 impl Linear {
-    /// Loads `weight` `[out, in]` (and `bias` `[out]` when `bias` is true) from `vb`.
-    pub fn new(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Self> {
-        let weight = vb.get((out_dim, in_dim), "weight")?;
+    /// Loads `weight` `[out, in]` (and `bias` `[out]` when `bias` is true) from `vb`, stored as
+    /// `format` says.
+    pub fn new(in_dim: usize, out_dim: usize, bias: bool, format: WeightFormat, vb: VarBuilder) -> Result<Self> {
+        let weight = Weight::load(&vb, "weight", &[out_dim, in_dim], format)?;
         let bias = if bias { Some(vb.get(out_dim, "bias")?) } else { None };
-        Ok(Self::from_weights(weight, bias))
+        Ok(Self::from_weight(weight, bias))
     }
 
-    /// Wraps existing tensors: `weight` `[out, in]`, optional `bias` `[out]`.
-    pub fn from_weights(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { inner: candle_nn::Linear::new(weight, bias) }
+    /// Wraps an existing weight `[out, in]` and optional bias `[out]`.
+    pub fn from_weight(weight: Weight, bias: Option<Tensor>) -> Self {
+        Self { weight, bias }
     }
 
-    /// The weight, `[out, in]`.
-    pub fn weight(&self) -> &Tensor {
-        self.inner.weight()
+    pub fn weight(&self) -> &Weight {
+        &self.weight
+    }
+
+    /// Bytes of weight and bias held in memory.
+    pub fn storage_bytes(&self) -> usize {
+        self.weight.storage_bytes() + self.bias.as_ref().map(crate::tensor_bytes).unwrap_or(0)
     }
 }
 
 impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        self.inner.forward(xs)
+        let y = self.weight.matmul_t(xs)?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
     }
 }

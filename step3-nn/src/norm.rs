@@ -38,6 +38,11 @@ impl RmsNorm {
     pub fn eps(&self) -> f64 {
         self.eps
     }
+
+    /// Bytes of the gain.
+    pub fn storage_bytes(&self) -> usize {
+        crate::tensor_bytes(&self.weight)
+    }
 }
 
 impl Module for RmsNorm {

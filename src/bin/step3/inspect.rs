@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde_json::json;
-use step3::{kv_bytes_per_token, param_counts, Step3Checkpoint, Step3Config, TextConfig};
+use step3::{kv_bytes_per_token, param_counts, Fp8Storage, Step3Checkpoint, Step3Config, TextConfig};
 
 #[derive(Args)]
 pub struct InspectArgs {
@@ -19,6 +19,9 @@ pub struct InspectArgs {
     /// Print one JSON object instead of the table.
     #[arg(long)]
     json: bool,
+    /// Compute dtype assumed for the resident-memory estimate: f32, bf16 or f16.
+    #[arg(long, default_value = "bf16")]
+    dtype: String,
 }
 
 /// `1,2,3,7,8` → `1-3, 7-8`.
@@ -38,6 +41,19 @@ fn ranges(layers: &[usize]) -> String {
     } else {
         out.join(", ")
     }
+}
+
+/// `model.layers.3.self_attn.q_proj.weight` ×N → `self_attn.q_proj ×N, ...`.
+fn fp8_kinds(names: &[String]) -> String {
+    let mut kinds: Vec<(String, usize)> = Vec::new();
+    for n in names {
+        let kind = n.trim_end_matches(".weight").splitn(4, '.').nth(3).unwrap_or(n).to_string();
+        match kinds.iter_mut().find(|(k, _)| *k == kind) {
+            Some((_, c)) => *c += 1,
+            None => kinds.push((kind, 1)),
+        }
+    }
+    kinds.iter().map(|(k, c)| format!("{k} x{c}")).collect::<Vec<_>>().join(", ")
 }
 
 fn human(n: u64) -> String {
@@ -73,6 +89,12 @@ pub fn run(a: InspectArgs) -> Result<ExitCode> {
     let dense: Vec<usize> = (0..t.num_hidden_layers).filter(|&l| !t.is_moe_layer(l)).collect();
     let p = param_counts(t);
     let report = ckpt.as_ref().map(|c| c.check());
+    let dtype = crate::parse_dtype(&a.dtype)?;
+    let fp8: Vec<String> =
+        ckpt.as_ref().map(|c| c.fp8_tensors().into_iter().map(|t| t.name).collect()).unwrap_or_default();
+    let resident = ckpt
+        .as_ref()
+        .map(|c| (c.resident_bytes(dtype, Fp8Storage::Compact), c.resident_bytes(dtype, Fp8Storage::Dequantized)));
 
     if a.json {
         let mut out = json!({
@@ -96,6 +118,9 @@ pub fn run(a: InspectArgs) -> Result<ExitCode> {
                 "expected_tensors": r.checked,
                 "problems": r.problems.iter().map(|e| e.to_string()).collect::<Vec<_>>(),
                 "other_tensors": r.unexpected.len(),
+                "quantization": config.quantization,
+                "fp8_tensors": fp8,
+                "resident_bytes": resident.map(|(c, d)| json!({ "dtype": format!("{dtype:?}"), "fp8_compact": c, "fp8_dequantized": d })),
             });
         }
         println!("{}", serde_json::to_string_pretty(&out)?);
@@ -146,6 +171,27 @@ pub fn run(a: InspectArgs) -> Result<ExitCode> {
                 ckpt.weights().files().len(),
                 bytes(ckpt.weights().file_bytes())
             );
+            if let Some(q) = &config.quantization {
+                println!(
+                    "quantization    block-FP8 (e4m3, {}x{} blocks, {} activations): {} FP8 tensors ({})",
+                    q.weight_block_size[0],
+                    q.weight_block_size[1],
+                    q.activation_scheme,
+                    fp8.len(),
+                    fp8_kinds(&fp8)
+                );
+            }
+            if let Some((compact, dequantized)) = resident {
+                if fp8.is_empty() {
+                    println!("resident        {} of language-model weights in {dtype:?}", bytes(compact as u64));
+                } else {
+                    println!(
+                        "resident        {} of language-model weights in {dtype:?} with FP8 kept compact ({} if dequantised at load)",
+                        bytes(compact as u64),
+                        bytes(dequantized as u64)
+                    );
+                }
+            }
             if r.is_ok() {
                 println!(
                     "inventory       OK: all {} language-model tensors present with the expected shapes and dtypes",

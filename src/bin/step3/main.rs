@@ -7,6 +7,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use step3::{DType, Device};
 
+mod bench;
 mod inspect;
 
 #[derive(Parser)]
@@ -26,6 +27,8 @@ enum Command {
     Inspect(inspect::InspectArgs),
     /// Check this build against a fixture set of golden outputs (e.g. tests/fixtures/step3-tiny).
     Verify(VerifyArgs),
+    /// Micro-benchmarks with synthetic weights at Step3's real dimensions.
+    Bench(bench::BenchArgs),
 }
 
 /// Where the model is and how to run it.
@@ -40,6 +43,10 @@ struct ModelArgs {
     /// Device: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Block-FP8 checkpoints: keep weights `compact` (dequantised per matmul, ≈ file-sized memory)
+    /// or `dequantized` at load (faster, compute-dtype-sized memory).
+    #[arg(long, default_value = "compact")]
+    fp8: String,
 }
 
 impl ModelArgs {
@@ -49,8 +56,13 @@ impl ModelArgs {
     }
 
     fn load(&self, ckpt: &step3::Step3Checkpoint) -> Result<step3::Step3TextModel> {
-        let (dtype, device) = (parse_dtype(&self.dtype)?, parse_device(&self.device)?);
-        ckpt.load_text_model(dtype, &device).with_context(|| format!("loading {}", self.model_dir.display()))
+        let fp8 = match self.fp8.as_str() {
+            "compact" => step3::Fp8Storage::Compact,
+            "dequantized" | "dequantised" => step3::Fp8Storage::Dequantized,
+            other => bail!("--fp8 must be `compact` or `dequantized`, not `{other}`"),
+        };
+        let opts = step3::LoadOptions { dtype: parse_dtype(&self.dtype)?, device: parse_device(&self.device)?, fp8 };
+        ckpt.load_text_model_with(&opts).with_context(|| format!("loading {}", self.model_dir.display()))
     }
 }
 
@@ -112,6 +124,7 @@ fn main() -> ExitCode {
         Command::Generate(a) => generate(a),
         Command::Inspect(a) => inspect::run(a),
         Command::Verify(a) => verify(a),
+        Command::Bench(a) => bench::run(a),
     };
     match result {
         Ok(code) => code,

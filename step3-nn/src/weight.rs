@@ -1,0 +1,428 @@
+use std::sync::OnceLock;
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, DType, Device, Layout, Result, Shape, Tensor, WithDType};
+use candle_nn::VarBuilder;
+use float8::F8E4M3;
+use rayon::prelude::*;
+
+/// How the checkpoint stores the weights of layers that may be quantised.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WeightFormat {
+    /// Plain floating-point tensors.
+    #[default]
+    Dense,
+    /// Block-FP8 (DeepSeek-V3 / Step3-fp8 convention): `float8_e4m3fn` values and one f32 scale
+    /// per `block[0] × block[1]` block, in a `<name>_scale_inv` tensor (`<name>_scale` accepted).
+    /// A weight without a scale tensor beside it is read as a plain tensor.
+    BlockFp8 {
+        /// Rows × columns of one scale block (`weight_block_size`, usually `[128, 128]`).
+        block: [usize; 2],
+        /// Dequantise once at load (fast, compute-dtype-sized memory) instead of per use.
+        dequantize_at_load: bool,
+    },
+}
+
+/// A weight matrix (or a stack of them, `[E, out, in]`), dense or block-FP8.
+#[derive(Debug, Clone)]
+pub enum Weight {
+    /// A tensor in the compute dtype.
+    Dense(Tensor),
+    /// FP8 values kept compact; dequantised on every use.
+    BlockFp8(BlockFp8),
+}
+
+impl Weight {
+    /// Loads `name` (expected shape `dims`) from `vb`. With a block-FP8 `format` and a scale
+    /// tensor next to it, the weight is read as FP8 and kept compact (or dequantised now if the
+    /// format asks); otherwise as a dense tensor in `vb.dtype()`.
+    pub fn load(vb: &VarBuilder, name: &str, dims: &[usize], format: WeightFormat) -> Result<Self> {
+        let WeightFormat::BlockFp8 { block, dequantize_at_load } = format else {
+            return Ok(Self::Dense(vb.get(dims, name)?));
+        };
+        let scale_name =
+            [format!("{name}_scale_inv"), format!("{name}_scale")].into_iter().find(|n| vb.contains_tensor(n));
+        let Some(scale_name) = scale_name else {
+            return Ok(Self::Dense(vb.get(dims, name)?));
+        };
+        let values = vb.get_unchecked_dtype(name, DType::F8E4M3)?;
+        if values.dims() != dims {
+            candle_core::bail!("{}: expected shape {dims:?}, found {:?}", vb.prefix(), values.dims())
+        }
+        let scale_dims = BlockFp8::scale_dims(dims, block)?;
+        let scale_inv = vb.get_unchecked_dtype(&scale_name, DType::F32)?;
+        if scale_inv.dims() != scale_dims.as_slice() {
+            candle_core::bail!(
+                "{}.{scale_name}: expected shape {scale_dims:?} for {block:?} blocks of {dims:?}, found {:?}",
+                vb.prefix(),
+                scale_inv.dims()
+            )
+        }
+        let fp8 = BlockFp8 { values, scale_inv, block, dtype: vb.dtype() };
+        Ok(if dequantize_at_load { Self::Dense(fp8.dequantize()?) } else { Self::BlockFp8(fp8) })
+    }
+
+    pub fn dims(&self) -> &[usize] {
+        match self {
+            Self::Dense(t) => t.dims(),
+            Self::BlockFp8(q) => q.values.dims(),
+        }
+    }
+
+    /// Slice `i` along the first dimension (expert `i` of a stacked weight), without copying.
+    pub fn get(&self, i: usize) -> Result<Self> {
+        Ok(match self {
+            Self::Dense(t) => Self::Dense(t.get(i)?),
+            Self::BlockFp8(q) => {
+                Self::BlockFp8(BlockFp8 { values: q.values.get(i)?, scale_inv: q.scale_inv.get(i)?, ..*q })
+            }
+        })
+    }
+
+    /// `xs · Wᵀ` for `xs: [..., in]` and a 2-D weight `[out, in]` → `[..., out]`.
+    ///
+    /// On the CPU, block-FP8 and half-precision weights are widened to f32 a few rows at a time
+    /// (tiles of about 4 MiB) and multiplied tile by tile, so no weight-sized buffer is allocated.
+    pub fn matmul_t(&self, xs: &Tensor) -> Result<Tensor> {
+        let w_dims = self.dims();
+        if w_dims.len() != 2 {
+            candle_core::bail!("matmul_t needs a 2-D weight, got {w_dims:?}")
+        }
+        let (out_dim, in_dim) = (w_dims[0], w_dims[1]);
+        let mut out_shape = xs.dims().to_vec();
+        let last = out_shape.len() - 1;
+        out_shape[last] = out_dim;
+        let x2 = xs.reshape(((), in_dim))?;
+        let y = match self {
+            Self::Dense(w) if w.device().is_cpu() && matches!(w.dtype(), DType::BF16 | DType::F16) => {
+                half_matmul_t_tiled(&x2, w)?
+            }
+            Self::Dense(w) => x2.matmul(&w.t()?)?,
+            Self::BlockFp8(q) if q.values.device().is_cpu() => q.matmul_t_tiled(&x2)?,
+            Self::BlockFp8(q) => x2.matmul(&q.dequantize()?.t()?)?,
+        };
+        y.reshape(out_shape)
+    }
+
+    /// The weight as a tensor in the compute dtype (dequantised for FP8).
+    pub fn to_dense(&self) -> Result<Tensor> {
+        match self {
+            Self::Dense(t) => Ok(t.clone()),
+            Self::BlockFp8(q) => q.dequantize(),
+        }
+    }
+
+    pub fn is_fp8(&self) -> bool {
+        matches!(self, Self::BlockFp8(_))
+    }
+
+    /// Bytes held in memory (FP8 values and scales, or the dense tensor).
+    pub fn storage_bytes(&self) -> usize {
+        match self {
+            Self::Dense(t) => tensor_bytes(t),
+            Self::BlockFp8(q) => tensor_bytes(&q.values) + tensor_bytes(&q.scale_inv),
+        }
+    }
+}
+
+/// Bytes of weight converted to f32 per tile on the CPU: small enough to stay below the
+/// allocator's mmap threshold and in cache, large enough that per-op overhead vanishes.
+const TILE_BYTES: usize = 4 << 20;
+
+/// Rows of a `[rows, cols]` weight per tile, a multiple of `align`.
+fn tile_rows(cols: usize, align: usize) -> usize {
+    ((TILE_BYTES / (cols * 4).max(1)).max(1) / align).max(1) * align
+}
+
+/// `xs [N, in] · Wᵀ` for a bf16/f16 weight on the CPU: each tile of rows is widened to f32
+/// (exactly) and multiplied in f32, the result rounded back: the arithmetic of a half-precision
+/// GEMM with f32 accumulation, without the weight-sized f32 copy that candle's CPU half GEMM
+/// makes on every call.
+fn half_matmul_t_tiled(xs: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let (rows, cols) = w.dims2()?;
+    let tile = tile_rows(cols, 1);
+    let xs32 = xs.to_dtype(DType::F32)?;
+    let mut outs = Vec::with_capacity(rows.div_ceil(tile));
+    for start in (0..rows).step_by(tile) {
+        let wt = w.narrow(0, start, tile.min(rows - start))?.to_dtype(DType::F32)?;
+        outs.push(xs32.matmul(&wt.t()?)?);
+    }
+    Tensor::cat(&outs, 1)?.to_dtype(xs.dtype())
+}
+
+/// Bytes of a tensor's elements.
+pub fn tensor_bytes(t: &Tensor) -> usize {
+    t.elem_count() * t.dtype().size_in_bytes()
+}
+
+/// Block-FP8 weight: `values` `[..., R, C]` in `float8_e4m3fn`, `scale_inv`
+/// `[..., ceil(R/b0), ceil(C/b1)]` in f32; `W[r, c] = f32(values[r, c]) · scale_inv[r/b0, c/b1]`
+/// (edge blocks may be partial). Dequantised to `dtype` on use.
+#[derive(Debug, Clone)]
+pub struct BlockFp8 {
+    values: Tensor,
+    scale_inv: Tensor,
+    block: [usize; 2],
+    dtype: DType,
+}
+
+impl BlockFp8 {
+    /// Wraps FP8 values and their block scales, dequantising to `dtype`.
+    pub fn new(values: Tensor, scale_inv: Tensor, block: [usize; 2], dtype: DType) -> Result<Self> {
+        if values.dtype() != DType::F8E4M3 {
+            candle_core::bail!("block-FP8 values must be F8E4M3, got {:?}", values.dtype())
+        }
+        let want = Self::scale_dims(values.dims(), block)?;
+        if scale_inv.dims() != want.as_slice() {
+            candle_core::bail!("block-FP8 scales: expected {want:?}, got {:?}", scale_inv.dims())
+        }
+        Ok(Self { values, scale_inv: scale_inv.to_dtype(DType::F32)?, block, dtype })
+    }
+
+    /// The scale shape for a weight of shape `dims` and `block`.
+    pub fn scale_dims(dims: &[usize], block: [usize; 2]) -> Result<Vec<usize>> {
+        let n = dims.len();
+        if n < 2 || block[0] == 0 || block[1] == 0 {
+            candle_core::bail!("block-FP8 needs a matrix and a non-empty block, got {dims:?} / {block:?}")
+        }
+        let mut s = dims.to_vec();
+        s[n - 2] = dims[n - 2].div_ceil(block[0]);
+        s[n - 1] = dims[n - 1].div_ceil(block[1]);
+        Ok(s)
+    }
+
+    /// The dequantised weight in the target dtype.
+    pub fn dequantize(&self) -> Result<Tensor> {
+        match self.values.device() {
+            Device::Cpu => self.values.apply_op2_no_bwd(
+                &self.scale_inv,
+                &Dequant { block: self.block, dtype: self.dtype, round_through: self.dtype },
+            ),
+            _ => self.dequantize_with_ops(),
+        }
+    }
+
+    /// `xs [N, in] · Wᵀ` for a 2-D weight, dequantising `TILE_BYTES` of rows at a time.
+    ///
+    /// For a bf16/f16 compute dtype the tiles are produced as f32 values that are exactly the
+    /// bf16/f16-rounded weights, and multiplied in f32 with f32 accumulation; the result is rounded
+    /// back. That is the arithmetic of a bf16 GEMM with f32 accumulation, but it skips the
+    /// weight-sized f32 conversion candle's CPU half-precision GEMM performs on every call.
+    fn matmul_t_tiled(&self, xs: &Tensor) -> Result<Tensor> {
+        let (rows, cols) = self.values.dims2()?;
+        let b0 = self.block[0];
+        let tile = tile_rows(cols, b0);
+        let op = Dequant { block: self.block, dtype: DType::F32, round_through: self.dtype };
+        let xs32 = xs.to_dtype(DType::F32)?;
+        let mut outs = Vec::with_capacity(rows.div_ceil(tile));
+        for start in (0..rows).step_by(tile) {
+            let n = tile.min(rows - start);
+            let values = self.values.narrow(0, start, n)?;
+            let scales = self.scale_inv.narrow(0, start / b0, n.div_ceil(b0))?;
+            let w = values.apply_op2_no_bwd(&scales, &op)?;
+            outs.push(xs32.matmul(&w.t()?)?);
+        }
+        Tensor::cat(&outs, 1)?.to_dtype(xs.dtype())
+    }
+
+    /// Device-agnostic dequantisation with broadcasts (used off the CPU).
+    fn dequantize_with_ops(&self) -> Result<Tensor> {
+        let dims = self.values.dims().to_vec();
+        let n = dims.len();
+        let [b0, b1] = self.block;
+        let lead: Vec<usize> = dims[..n - 2].to_vec();
+        let (rb, cb) = (dims[n - 2].div_ceil(b0), dims[n - 1].div_ceil(b1));
+        let mut spread = lead.clone();
+        spread.extend([rb, 1, cb, 1]);
+        let mut full = lead.clone();
+        full.extend([rb, b0, cb, b1]);
+        let mut padded = lead;
+        padded.extend([rb * b0, cb * b1]);
+        let scale = self.scale_inv.reshape(spread)?.broadcast_as(full)?.contiguous()?.reshape(padded)?;
+        let scale = scale.narrow(n - 2, 0, dims[n - 2])?.narrow(n - 1, 0, dims[n - 1])?;
+        (self.values.to_dtype(DType::F32)? * scale)?.to_dtype(self.dtype)
+    }
+}
+
+/// The 256 values of `float8_e4m3fn`.
+fn e4m3_table() -> &'static [f32; 256] {
+    static TABLE: OnceLock<[f32; 256]> = OnceLock::new();
+    TABLE.get_or_init(|| std::array::from_fn(|i| F8E4M3::from_bits(i as u8).to_f32()))
+}
+
+/// CPU block dequantisation: one table lookup and one multiply per element, rows in parallel.
+struct Dequant {
+    block: [usize; 2],
+    /// Output dtype.
+    dtype: DType,
+    /// Values are rounded to this dtype (then widened to `dtype` if that is wider).
+    round_through: DType,
+}
+
+impl candle_core::CustomOp2 for Dequant {
+    fn name(&self) -> &'static str {
+        "block-fp8-dequant"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (CpuStorage::F8E4M3(values), CpuStorage::F32(scales)) = (s1, s2) else {
+            candle_core::bail!(
+                "block-fp8 dequant expects F8E4M3 values and F32 scales, got {:?} / {:?}",
+                s1.dtype(),
+                s2.dtype()
+            )
+        };
+        let (Some((v0, v1)), Some((s0, s1))) = (l1.contiguous_offsets(), l2.contiguous_offsets()) else {
+            candle_core::bail!("block-fp8 dequant expects contiguous inputs")
+        };
+        let (values, scales) = (&values[v0..v1], &scales[s0..s1]);
+        let dims = l1.dims();
+        let (rows, cols) = (dims[dims.len() - 2], dims[dims.len() - 1]);
+        let cb = cols.div_ceil(self.block[1]);
+        let rb = rows.div_ceil(self.block[0]);
+        let table = e4m3_table();
+        /// Within one scale block every element is one of 256 values, `round(e4m3(v) · s)`: a
+        /// 256-entry table per column block of a row block turns the inner loop into one lookup
+        /// per element. Row blocks run one after another, the rows of a block in parallel.
+        fn run<T: WithDType, F: Fn(f32) -> T + Sync>(
+            values: &[F8E4M3],
+            scales: &[f32],
+            (rows, cols, rb, cb, block): (usize, usize, usize, usize, [usize; 2]),
+            table: &[f32; 256],
+            convert: F,
+        ) -> Vec<T> {
+            let mut out = vec![T::zero(); values.len()];
+            let per_matrix = rows * cols;
+            for (m, (dst_m, src_m)) in out.chunks_mut(per_matrix).zip(values.chunks(per_matrix)).enumerate() {
+                for (rbi, (dst, src)) in
+                    dst_m.chunks_mut(block[0] * cols).zip(src_m.chunks(block[0] * cols)).enumerate()
+                {
+                    let srow = &scales[(m * rb + rbi) * cb..][..cb];
+                    let tables: Vec<[T; 256]> =
+                        srow.iter().map(|&s| std::array::from_fn(|i| convert(table[i] * s))).collect();
+                    dst.par_chunks_mut(cols).zip(src.par_chunks(cols)).for_each(|(drow, vrow)| {
+                        for ((d, v), t) in drow.chunks_mut(block[1]).zip(vrow.chunks(block[1])).zip(&tables) {
+                            for (d, v) in d.iter_mut().zip(v) {
+                                *d = t[v.to_bits() as usize];
+                            }
+                        }
+                    });
+                }
+            }
+            out
+        }
+        let geom = (rows, cols, rb, cb, self.block);
+        let storage = match (self.dtype, self.round_through) {
+            (DType::F32, DType::BF16) => {
+                CpuStorage::F32(run(values, scales, geom, table, |x| half::bf16::from_f32(x).to_f32()))
+            }
+            (DType::F32, DType::F16) => {
+                CpuStorage::F32(run(values, scales, geom, table, |x| half::f16::from_f32(x).to_f32()))
+            }
+            (out, through) if out != through => {
+                candle_core::bail!("block-fp8 dequant: cannot round through {through:?} into {out:?}")
+            }
+            (DType::F32, _) => CpuStorage::F32(run(values, scales, geom, table, |x| x)),
+            (DType::BF16, _) => CpuStorage::BF16(run(values, scales, geom, table, half::bf16::from_f32)),
+            (DType::F16, _) => CpuStorage::F16(run(values, scales, geom, table, half::f16::from_f32)),
+            (other, _) => candle_core::bail!("block-fp8 dequant to {other:?} is not supported"),
+        };
+        Ok((storage, l1.shape().clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn e4m3_table_has_the_format_landmarks() {
+        let t = e4m3_table();
+        assert_eq!(t[0x00], 0.0);
+        assert_eq!(t[0x38], 1.0); // exponent 7 (bias), mantissa 0
+        assert_eq!(t[0x7E], 448.0); // largest finite
+        assert_eq!(t[0xFE], -448.0);
+        assert_eq!(t[0x01], 2f32.powi(-9)); // smallest subnormal
+        assert!(t[0x7F].is_nan() && t[0xFF].is_nan());
+    }
+
+    /// Dequantises with partial edge blocks, on the CPU kernel and the broadcast path, against
+    /// the formula written out by hand.
+    #[test]
+    fn partial_blocks_and_both_paths_agree_with_the_formula() -> Result<()> {
+        let dev = Device::Cpu;
+        let (e, r, c, block) = (2, 5, 7, [2, 3]);
+        let bits: Vec<u8> = (0..e * r * c).map(|i| ((i * 37 + 11) % 250) as u8).collect();
+        let values = Tensor::from_vec(bits.iter().map(|&b| F8E4M3::from_bits(b)).collect::<Vec<_>>(), (e, r, c), &dev)?;
+        let sdims = BlockFp8::scale_dims(&[e, r, c], block)?;
+        assert_eq!(sdims, vec![2, 3, 3]);
+        let scales: Vec<f32> = (0..sdims.iter().product()).map(|i| 0.5 + i as f32 * 0.25).collect();
+        let scale_inv = Tensor::from_vec(scales.clone(), sdims.as_slice(), &dev)?;
+        let q = BlockFp8::new(values, scale_inv, block, DType::F32)?;
+        let cpu = q.dequantize()?.flatten_all()?.to_vec1::<f32>()?;
+        let ops = q.dequantize_with_ops()?.flatten_all()?.to_vec1::<f32>()?;
+        for m in 0..e {
+            for i in 0..r {
+                for j in 0..c {
+                    let idx = (m * r + i) * c + j;
+                    let s = scales[(m * 3 + i / 2) * 3 + j / 3];
+                    let want = F8E4M3::from_bits(bits[idx]).to_f32() * s;
+                    assert_eq!(cpu[idx].to_bits(), want.to_bits(), "cpu ({m},{i},{j})");
+                    assert_eq!(ops[idx].to_bits(), want.to_bits(), "ops ({m},{i},{j})");
+                }
+            }
+        }
+        // Slicing one expert dequantises that slice only.
+        let one = Weight::BlockFp8(q).get(1)?;
+        let dense = one.to_dense()?;
+        assert_eq!(dense.flatten_all()?.to_vec1::<f32>()?, cpu[r * c..].to_vec());
+        // The tiled product equals the product with the dequantised weight.
+        let x = Tensor::randn(0f32, 1.0, (3, c), &dev)?;
+        let tiled = one.matmul_t(&x)?;
+        let full = x.matmul(&dense.t()?)?;
+        let diff = (tiled - full)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff <= 1e-5, "{diff}");
+        Ok(())
+    }
+
+    #[test]
+    fn tiles_cover_every_row_of_a_large_weight() -> Result<()> {
+        // 300 rows × 9000 columns of f32 is ≈ 10.8 MB: three tiles, the last one partial.
+        let dev = Device::Cpu;
+        let (r, c, block) = (300, 9000, [128, 128]);
+        let bits: Vec<F8E4M3> = (0..r * c).map(|i| F8E4M3::from_bits(((i * 7 + 3) % 120) as u8)).collect();
+        let sdims = BlockFp8::scale_dims(&[r, c], block)?;
+        let scales = Tensor::rand(0.5f32, 1.5, sdims.as_slice(), &dev)?;
+        let q = Weight::BlockFp8(BlockFp8::new(Tensor::from_vec(bits, (r, c), &dev)?, scales, block, DType::F32)?);
+        let x = Tensor::randn(0f32, 1.0, (2, 5, c), &dev)?;
+        let tiled = q.matmul_t(&x)?;
+        assert_eq!(tiled.dims(), &[2, 5, r]);
+        let full = x.broadcast_matmul(&q.to_dense()?.t()?)?;
+        // Sums of 9000 products: compare relative to the largest output (summation order differs).
+        let diff = (tiled - &full)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let scale = full.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff <= 1e-6 * scale, "{diff} vs {scale}");
+        Ok(())
+    }
+
+    /// In bf16 the tiled f32 product uses exactly the bf16-rounded weights: it agrees with a bf16
+    /// matmul on the dequantised bf16 weight to bf16 output rounding.
+    #[test]
+    fn bf16_tiles_use_the_bf16_rounded_weights() -> Result<()> {
+        let dev = Device::Cpu;
+        let (r, c, block) = (256, 384, [128, 128]);
+        let bits: Vec<F8E4M3> = (0..r * c).map(|i| F8E4M3::from_bits(((i * 11 + 5) % 118) as u8)).collect();
+        let scales = Tensor::rand(0.001f32, 0.01, (2, 3), &dev)?;
+        let q = BlockFp8::new(Tensor::from_vec(bits, (r, c), &dev)?, scales, block, DType::BF16)?;
+        let w_bf16 = q.dequantize()?;
+        assert_eq!(w_bf16.dtype(), DType::BF16);
+        let x = Tensor::randn(0f32, 1.0, (4, c), &dev)?.to_dtype(DType::BF16)?;
+        let tiled = Weight::BlockFp8(q).matmul_t(&x)?;
+        assert_eq!(tiled.dtype(), DType::BF16);
+        let exact = x.to_dtype(DType::F32)?.matmul(&w_bf16.to_dtype(DType::F32)?.t()?)?;
+        let diff = (tiled.to_dtype(DType::F32)? - &exact)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let scale = exact.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff <= scale / 128.0, "{diff} vs {scale}");
+        Ok(())
+    }
+}
