@@ -56,7 +56,7 @@ fn fp8_kinds(names: &[String]) -> String {
     kinds.iter().map(|(k, c)| format!("{k} x{c}")).collect::<Vec<_>>().join(", ")
 }
 
-fn human(n: u64) -> String {
+pub fn human(n: u64) -> String {
     match n {
         n if n >= 1_000_000_000 => format!("{:.2}B", n as f64 / 1e9),
         n if n >= 1_000_000 => format!("{:.2}M", n as f64 / 1e6),

@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use step3::{DType, Device};
 
 mod bench;
+mod cost;
 mod inspect;
 
 #[derive(Parser)]
@@ -29,6 +30,8 @@ enum Command {
     Verify(VerifyArgs),
     /// Micro-benchmarks with synthetic weights at Step3's real dimensions.
     Bench(bench::BenchArgs),
+    /// Decode cost per token and per 1M tokens (the Step3 paper's model), for a preset or a config.
+    Cost(cost::CostArgs),
 }
 
 /// Where the model is and how to run it.
@@ -125,6 +128,7 @@ fn main() -> ExitCode {
         Command::Inspect(a) => inspect::run(a),
         Command::Verify(a) => verify(a),
         Command::Bench(a) => bench::run(a),
+        Command::Cost(a) => cost::run(a),
     };
     match result {
         Ok(code) => code,
