@@ -10,7 +10,10 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, IndexOp, Tensor};
 use serde_json::Value;
-use step3_model::{LayerRouting, SamplingParams, Step3Checkpoint, Step3TextModel};
+use step3_model::{
+    Fp8Storage, ImageLayout, LayerRouting, LoadOptions, PreprocessedImage, SamplingParams, Step3Checkpoint, Step3Model,
+    Step3TextModel,
+};
 
 /// Relative tolerance for float32 goldens (fixtures README).
 pub const F32_TOLERANCE: f64 = 1e-4;
@@ -24,6 +27,10 @@ pub enum Measure {
     RelErr { worst: f64, tolerance: f64 },
     /// Ids that differ, out of how many.
     Mismatch { differ: usize, total: usize },
+    /// Worst absolute error (pixel tensors).
+    AbsErr { worst: f64, tolerance: f64 },
+    /// A hash or a structure that must be identical.
+    Same { equal: bool },
 }
 
 /// One golden compared.
@@ -39,8 +46,9 @@ pub struct GoldenCheck {
 impl GoldenCheck {
     pub fn passed(&self) -> bool {
         match self.measure {
-            Measure::RelErr { worst, tolerance } => worst <= tolerance,
+            Measure::RelErr { worst, tolerance } | Measure::AbsErr { worst, tolerance } => worst <= tolerance,
             Measure::Mismatch { differ, .. } => differ == 0,
+            Measure::Same { equal } => equal,
         }
     }
 
@@ -63,6 +71,12 @@ impl fmt::Display for GoldenCheck {
             }
             Measure::Mismatch { differ, total } => {
                 write!(f, "{status}  {:<64} {differ}/{total} ids differ", self.name)
+            }
+            Measure::AbsErr { worst, tolerance } => {
+                write!(f, "{status}  {:<64} worst abs err {worst:.3e} (tol {tolerance:.0e})", self.name)
+            }
+            Measure::Same { equal } => {
+                write!(f, "{status}  {:<64} {}", self.name, if equal { "identical" } else { "differs" })
             }
         }
     }
@@ -155,15 +169,88 @@ impl Judge {
         })
     }
 
+    /// Pixel tensors: the fixtures' absolute tolerance (1e-5), always gating.
+    fn pixels(&self) -> PixelJudge {
+        PixelJudge { tag: self.tag }
+    }
+
+    /// Ids that must match whatever the compute dtype (crop counts, layouts).
+    fn exact_ids(&self, name: String, ours: &[u32], golden: &[u32]) -> GoldenCheck {
+        GoldenCheck { gating: true, ..self.ids(name, ours, golden) }
+    }
+
     fn ids(&self, name: String, ours: &[u32], golden: &[u32]) -> GoldenCheck {
         let differ = ours.iter().zip(golden).filter(|(a, b)| a != b).count() + ours.len().abs_diff(golden.len());
         GoldenCheck { name, measure: Measure::Mismatch { differ, total: golden.len() }, gating: self.ids_gate }
     }
 }
 
-/// Runs every text golden under `prefix` of `goldens` on `model`: prefill logits and hidden
-/// states, router choices of every MoE layer, KV-cached decode (fed the golden tokens), greedy
-/// generation, and all prompts again as one padded batch.
+/// One prompt's goldens under `key` (`<key>.prefill_logits`, ...): prefill logits and hidden
+/// states, router choices of every MoE layer when stored, KV-cached decode fed the golden tokens,
+/// and greedy generation through the public loop. `embeds` carries merged image features.
+fn check_prompt(
+    model: &Step3TextModel,
+    ids: &[u32],
+    embeds: Option<&Tensor>,
+    goldens: &Goldens,
+    key: &str,
+    judge: Judge,
+) -> Result<Vec<GoldenCheck>> {
+    let mut out = Vec::new();
+    let label = |k: &str| format!("{}/{key}.{k}{}", goldens.name, judge.tag);
+    let golden = |k: &str| goldens.get(&format!("{key}.{k}"));
+    let greedy = goldens.ids(&format!("{key}.greedy_tokens"))?;
+    let t = ids.len();
+    let embeds = match embeds {
+        Some(e) => e.clone(),
+        None => model.embed(&Tensor::new(ids, model.device())?.unsqueeze(0)?)?,
+    };
+
+    // Prefill, with the routing of every MoE layer recorded.
+    let mut cache = model.new_cache(1, t + greedy.len())?;
+    let mut trace: Vec<LayerRouting> = Vec::new();
+    let hidden = model.forward_embeds(&embeds, &[t], &mut cache, Some(&mut trace))?;
+    out.push(judge.rel(label("prefill_logits"), &model.logits(&hidden)?.i(0)?, golden("prefill_logits")?)?);
+    out.push(judge.rel(label("prefill_last_hidden"), &hidden.i(0)?, golden("prefill_last_hidden")?)?);
+    for LayerRouting { layer, routing } in &trace {
+        let r = format!("router.layer{layer}");
+        if !goldens.tensors.contains_key(&format!("{key}.{r}.topk_ids")) {
+            continue;
+        }
+        let ours: Vec<u32> = routing.ids.flatten_all()?.to_vec1()?;
+        out.push(judge.ids(label(&format!("{r}.topk_ids")), &ours, &goldens.ids(&format!("{key}.{r}.topk_ids"))?));
+        out.push(judge.rel(
+            label(&format!("{r}.topk_weights")),
+            &routing.weights,
+            golden(&format!("{r}.topk_weights"))?,
+        )?);
+    }
+
+    // KV-cached decode, teacher-forced with the golden tokens.
+    let (mut dec_logits, mut dec_hidden) = (Vec::new(), Vec::new());
+    for &tok in &greedy {
+        let h = model.forward(&Tensor::new(&[[tok]], model.device())?, &[1], &mut cache, None)?;
+        dec_logits.push(model.logits(&h.i((0, 0))?)?);
+        dec_hidden.push(h.i((0, 0))?);
+    }
+    out.push(judge.rel(label("decode_logits"), &Tensor::stack(&dec_logits, 0)?, golden("decode_logits")?)?);
+    if goldens.tensors.contains_key(&format!("{key}.decode_last_hidden")) {
+        out.push(judge.rel(
+            label("decode_last_hidden"),
+            &Tensor::stack(&dec_hidden, 0)?,
+            golden("decode_last_hidden")?,
+        )?);
+    }
+
+    // Greedy generation through the public loop.
+    let params = SamplingParams { temperature: 0.0, max_new_tokens: greedy.len(), ..Default::default() };
+    let generated = step3_model::generate_from_embeds(model, ids, Some(embeds), &params, |_| {})?;
+    out.push(judge.ids(label("greedy_tokens"), &generated.tokens, &greedy));
+    Ok(out)
+}
+
+/// Runs every text golden under `prefix` of `goldens` on `model` (see [`check_prompt`]), then all
+/// prompts again as one right-padded batch.
 pub fn check_text(model: &Step3TextModel, goldens: &Goldens, prefix: &str, judge: Judge) -> Result<Vec<GoldenCheck>> {
     let mut out = Vec::new();
     let label = |key: &str| format!("{}/{key}{}", goldens.name, judge.tag);
@@ -174,63 +261,8 @@ pub fn check_text(model: &Step3TextModel, goldens: &Goldens, prefix: &str, judge
     let mut prompts = Vec::new();
     for seq in &seqs {
         let ids = goldens.ids(&format!("{seq}.input_ids"))?;
-        let greedy = goldens.ids(&format!("{seq}.greedy_tokens"))?;
-        let t = ids.len();
-
-        // Prefill, with the routing of every MoE layer recorded.
-        let mut cache = model.new_cache(1, t + greedy.len())?;
-        let mut trace: Vec<LayerRouting> = Vec::new();
-        let input = Tensor::new(ids.as_slice(), model.device())?.unsqueeze(0)?;
-        let hidden = model.forward(&input, &[t], &mut cache, Some(&mut trace))?;
-        let logits = model.logits(&hidden)?;
-        out.push(judge.rel(
-            label(&format!("{seq}.prefill_logits")),
-            &logits.i(0)?,
-            goldens.get(&format!("{seq}.prefill_logits"))?,
-        )?);
-        out.push(judge.rel(
-            label(&format!("{seq}.prefill_last_hidden")),
-            &hidden.i(0)?,
-            goldens.get(&format!("{seq}.prefill_last_hidden"))?,
-        )?);
-        for LayerRouting { layer, routing } in &trace {
-            let key = format!("{seq}.router.layer{layer}");
-            let ids_ours: Vec<u32> = routing.ids.flatten_all()?.to_vec1()?;
-            out.push(judge.ids(
-                label(&format!("{key}.topk_ids")),
-                &ids_ours,
-                &goldens.ids(&format!("{key}.topk_ids"))?,
-            ));
-            out.push(judge.rel(
-                label(&format!("{key}.topk_weights")),
-                &routing.weights,
-                goldens.get(&format!("{key}.topk_weights"))?,
-            )?);
-        }
-
-        // KV-cached decode, teacher-forced with the golden tokens.
-        let (mut dec_logits, mut dec_hidden) = (Vec::new(), Vec::new());
-        for &tok in &greedy {
-            let h = model.forward(&Tensor::new(&[[tok]], model.device())?, &[1], &mut cache, None)?;
-            dec_logits.push(model.logits(&h.i((0, 0))?)?);
-            dec_hidden.push(h.i((0, 0))?);
-        }
-        out.push(judge.rel(
-            label(&format!("{seq}.decode_logits")),
-            &Tensor::stack(&dec_logits, 0)?,
-            goldens.get(&format!("{seq}.decode_logits"))?,
-        )?);
-        out.push(judge.rel(
-            label(&format!("{seq}.decode_last_hidden")),
-            &Tensor::stack(&dec_hidden, 0)?,
-            goldens.get(&format!("{seq}.decode_last_hidden"))?,
-        )?);
-
-        // Greedy generation through the public loop.
-        let params = SamplingParams { temperature: 0.0, max_new_tokens: greedy.len(), ..Default::default() };
-        let generated = step3_model::generate(model, &ids, &params, |_| {})?;
-        out.push(judge.ids(label(&format!("{seq}.greedy_tokens")), &generated.tokens, &greedy));
-        prompts.push((seq.clone(), ids, greedy));
+        out.extend(check_prompt(model, &ids, None, goldens, seq, judge)?);
+        prompts.push((seq.clone(), ids, goldens.ids(&format!("{seq}.greedy_tokens"))?));
     }
 
     // Every prompt in one right-padded batch: prefill and decode must match the single runs.
@@ -266,6 +298,119 @@ pub fn check_text(model: &Step3TextModel, goldens: &Goldens, prefix: &str, judge
     Ok(out)
 }
 
+/// The images a golden set names (`golden.json` → `vision.images` / `mm.images`), preprocessed
+/// with the fixture's settings.
+fn fixture_images(fixtures: &Path, names: &[String], model: &Step3Model) -> Result<Vec<PreprocessedImage>> {
+    names.iter().map(|n| Ok(model.load_image(&fixtures.join("images").join(format!("{n}.png")))?)).collect()
+}
+
+fn names(v: Option<&Value>) -> Vec<String> {
+    v.and_then(Value::as_array)
+        .map(|a| a.iter().filter_map(|s| s.as_str().map(String::from)).collect())
+        .unwrap_or_default()
+}
+
+/// Vision goldens of a checkpoint folder: model inputs (pixel tensors, crop counts), the tower's
+/// output with its 4 leading tokens, both downsampler outputs, the projected features, the
+/// resized position table and the features in placeholder order.
+fn check_vision(model: &Step3Model, fixtures: &Path, goldens: &Goldens, judge: Judge) -> Result<Vec<GoldenCheck>> {
+    let mut out = Vec::new();
+    let label = |k: &str| format!("{}/{k}{}", goldens.name, judge.tag);
+    let vision_json = goldens.json.get("vision");
+    let images = fixture_images(fixtures, &names(vision_json.and_then(|v| v.get("images"))), model)?;
+    let pixels = judge.pixels();
+    if images.is_empty() {
+        return Ok(out);
+    }
+    let cat = |f: &dyn Fn(&PreprocessedImage) -> Option<Tensor>| -> Result<Option<Tensor>> {
+        let parts: Vec<Tensor> = images.iter().filter_map(f).collect();
+        Ok(if parts.is_empty() { None } else { Some(Tensor::cat(&parts, 0)?) })
+    };
+    let global_px = cat(&|p| Some(p.pixel_values.clone()))?.context("no global views")?;
+    let patch_px = cat(&|p| p.patch_pixel_values.clone())?;
+    out.push(pixels.rel(label("vision.pixel_values"), &global_px, goldens.get("vision.pixel_values")?)?);
+    if let Some(px) = &patch_px {
+        out.push(pixels.rel(label("vision.patch_pixel_values"), px, goldens.get("vision.patch_pixel_values")?)?);
+    }
+    if goldens.tensors.contains_key("vision.num_patches") {
+        let ours: Vec<u32> = images.iter().map(|p| p.num_crops() as u32).collect();
+        out.push(judge.exact_ids(label("vision.num_patches"), &ours, &goldens.ids("vision.num_patches")?));
+    }
+    let vision = model.vision.as_ref().context("no vision tower")?;
+    let device = model.text.device();
+    let mut views = vec![("global", global_px)];
+    if let Some(px) = patch_px {
+        views.push(("patch", px));
+    }
+    for (view, px) in views {
+        let o = vision.forward_all(&px.to_device(device)?)?;
+        for (name, t) in [
+            ("encoder_out_full", &o.encoder_out_full),
+            ("down1", &o.down1),
+            ("down2", &o.down2),
+            ("projected", &o.projected),
+        ] {
+            let key = format!("vision.{view}.{name}");
+            if goldens.tensors.contains_key(&key) {
+                out.push(judge.rel(label(&key), t, goldens.get(&key)?)?);
+            }
+        }
+    }
+    if goldens.tensors.contains_key("vision.patch.position_embedding_interp") {
+        let ours = vision.crop_position_embedding().context("no crop position table")?;
+        out.push(judge.rel(
+            label("vision.patch.position_embedding_interp"),
+            &ours,
+            goldens.get("vision.patch.position_embedding_interp")?,
+        )?);
+    }
+    out.push(judge.rel(
+        label("vision.image_embeds"),
+        &model.encode_images(&images)?,
+        goldens.get("vision.image_embeds")?,
+    )?);
+    Ok(out)
+}
+
+/// The multimodal prompt goldens under `key` (`mm`, `f32compute.mm`, `bf16compute.mm`).
+fn check_mm(
+    model: &Step3Model,
+    fixtures: &Path,
+    goldens: &Goldens,
+    key: &str,
+    judge: Judge,
+) -> Result<Vec<GoldenCheck>> {
+    let meta = goldens.json.get(key).or_else(|| goldens.json.get("bf16compute").and_then(|b| b.get(key)));
+    let images = fixture_images(fixtures, &names(meta.and_then(|m| m.get("images"))), model)?;
+    let ids = goldens.ids(&format!("{key}.input_ids"))?;
+    let embeds = model.embed(&ids, &images)?;
+    check_prompt(&model.text, &ids, Some(&embeds), goldens, key, judge)
+}
+
+/// Absolute tolerance for preprocessing pixel tensors (fixtures README).
+pub const PIXEL_TOLERANCE: f64 = 1e-5;
+
+struct PixelJudge {
+    tag: &'static str,
+}
+
+impl PixelJudge {
+    fn rel(&self, name: String, ours: &Tensor, golden: &Tensor) -> Result<GoldenCheck> {
+        let worst = max_abs_diff(ours, golden).with_context(|| name.clone())?;
+        let _ = self.tag;
+        Ok(GoldenCheck { name, measure: Measure::AbsErr { worst, tolerance: PIXEL_TOLERANCE }, gating: true })
+    }
+}
+
+/// `max|a − b|` over all elements.
+pub fn max_abs_diff(ours: &Tensor, reference: &Tensor) -> Result<f64> {
+    if ours.dims() != reference.dims() {
+        bail!("shape {:?} differs from the golden's {:?}", ours.dims(), reference.dims());
+    }
+    let d = (ours.to_dtype(DType::F32)? - reference.to_dtype(DType::F32)?)?.abs()?.flatten_all()?.max(0)?;
+    Ok(d.to_scalar::<f32>()? as f64)
+}
+
 /// Which golden sets a checkpoint folder holds, by compute dtype.
 fn text_prefixes(folder: &str, dtype: DType) -> Vec<(&'static str, Judge)> {
     let exact = Judge { tolerance: F32_TOLERANCE, floats_gate: true, ids_gate: true, tag: "" };
@@ -284,13 +429,18 @@ fn text_prefixes(folder: &str, dtype: DType) -> Vec<(&'static str, Judge)> {
 pub const TEXT_FOLDERS: [&str; 4] = ["vl-f32", "vl-bf16", "moe-renorm-f32", "fp8-block"];
 
 /// Runs every golden of a fixture set (e.g. `tests/fixtures/step3-tiny`) that this build supports,
-/// computing in `dtype` (f32 or bf16) on `device`.
+/// computing in `dtype` (f32 or bf16) on `device`: preprocessing, text (prefill, routers, decode,
+/// greedy, batched), vision, multimodal and FP8.
 pub fn verify_fixtures(dir: &Path, dtype: DType, device: &Device) -> Result<Vec<GoldenCheck>> {
     if !matches!(dtype, DType::F32 | DType::BF16) {
         bail!("verify runs in f32 or bf16, not {dtype:?}");
     }
     let mut checks = Vec::new();
     let mut found = false;
+    if dir.join("preprocess").is_dir() {
+        found = true;
+        checks.extend(check_preprocess(dir)?);
+    }
     for folder in TEXT_FOLDERS {
         let path = dir.join(folder);
         if !path.is_dir() {
@@ -299,9 +449,11 @@ pub fn verify_fixtures(dir: &Path, dtype: DType, device: &Device) -> Result<Vec<
         found = true;
         let goldens = Goldens::load(&path)?;
         let ckpt = Step3Checkpoint::open(&path)?;
-        let model = ckpt.load_text_model(dtype, device).with_context(|| format!("loading {}", path.display()))?;
+        let crop_size = goldens.json.get("crop_size").and_then(Value::as_u64).map(|c| c as usize);
+        let opts = LoadOptions { dtype, device: device.clone(), fp8: Fp8Storage::Compact, crop_size };
+        let model = ckpt.load(&opts).with_context(|| format!("loading {}", path.display()))?;
         for (prefix, judge) in text_prefixes(folder, dtype) {
-            checks.extend(check_text(&model, &goldens, prefix, judge)?);
+            checks.extend(check_text(&model.text, &goldens, prefix, judge)?);
         }
         if folder == "moe-renorm-f32" && dtype == DType::F32 {
             checks.extend(check_renorm_flag(&ckpt, &goldens, device)?);
@@ -309,11 +461,185 @@ pub fn verify_fixtures(dir: &Path, dtype: DType, device: &Device) -> Result<Vec<
         if folder == "fp8-block" {
             checks.extend(check_fp8_weights(&ckpt, &goldens, device)?);
         }
+        let exact = Judge { tolerance: F32_TOLERANCE, floats_gate: true, ids_gate: true, tag: "" };
+        let bf16_of_f32 = Judge { tolerance: BF16_TOLERANCE, floats_gate: false, ids_gate: false, tag: "@bf16" };
+        match (folder, dtype) {
+            ("vl-f32" | "moe-renorm-f32", DType::F32) => checks.extend(check_vision(&model, dir, &goldens, exact)?),
+            ("vl-f32" | "moe-renorm-f32", _) => checks.extend(check_vision(&model, dir, &goldens, bf16_of_f32)?),
+            _ => {}
+        }
+        let mm = match (folder, dtype) {
+            ("vl-f32", DType::F32) => vec![("mm", exact)],
+            ("vl-f32", _) => vec![("mm", bf16_of_f32)],
+            ("vl-bf16", DType::F32) => vec![("f32compute.mm", exact)],
+            ("vl-bf16", _) => vec![(
+                "bf16compute.mm",
+                Judge { tolerance: BF16_TOLERANCE, floats_gate: true, ids_gate: false, tag: "" },
+            )],
+            _ => vec![],
+        };
+        for (key, judge) in mm {
+            checks.extend(check_mm(&model, dir, &goldens, key, judge)?);
+        }
     }
     if !found {
-        bail!("{} holds none of the fixture folders {TEXT_FOLDERS:?}", dir.display());
+        bail!("{} holds none of the fixture folders (preprocess/, {TEXT_FOLDERS:?})", dir.display());
     }
     Ok(checks)
+}
+
+/// Preprocessing goldens: every image of `preprocess/tiny.*` with the tiny sizes (geometry,
+/// uint8 intermediates by SHA-256 and value, pixel tensors, newline masks, token layouts), and
+/// `preprocess/real.*` with Step3's own sizes.
+pub fn check_preprocess(fixtures: &Path) -> Result<Vec<GoldenCheck>> {
+    use sha2::{Digest, Sha256};
+    let mut out = Vec::new();
+    let dir = fixtures.join("preprocess");
+    let same = |name: String, equal: bool| GoldenCheck {
+        name: format!("preprocess/{name}"),
+        measure: Measure::Same { equal },
+        gating: true,
+    };
+    let abs = |name: String, ours: &Tensor, golden: &Tensor| -> Result<GoldenCheck> {
+        Ok(GoldenCheck {
+            name: format!("preprocess/{name}"),
+            measure: Measure::AbsErr { worst: max_abs_diff(ours, golden)?, tolerance: PIXEL_TOLERANCE },
+            gating: true,
+        })
+    };
+    let sha = |img: &image::RgbImage| format!("{:x}", Sha256::digest(img.as_raw()));
+    let u8_tensor = |img: &image::RgbImage, step: usize| -> Result<Tensor> {
+        let (w, h) = (img.width() as usize, img.height() as usize);
+        let t = Tensor::from_vec(img.as_raw().clone(), (h, w, 3), &Device::Cpu)?;
+        Ok(if step == 1 {
+            t
+        } else {
+            let rows: Vec<u32> = (0..h).step_by(step).map(|r| r as u32).collect();
+            let cols: Vec<u32> = (0..w).step_by(step).map(|c| c as u32).collect();
+            t.index_select(&Tensor::new(rows, &Device::Cpu)?, 0)?.index_select(&Tensor::new(cols, &Device::Cpu)?, 1)?
+        })
+    };
+    for (set, step) in [("tiny", 1usize), ("real", 8usize)] {
+        let json_path = dir.join(format!("{set}.json"));
+        if !json_path.is_file() {
+            continue;
+        }
+        let json: Value = serde_json::from_str(&std::fs::read_to_string(&json_path)?)
+            .with_context(|| json_path.display().to_string())?;
+        let tensors = candle_core::safetensors::load(dir.join(format!("{set}.safetensors")), &Device::Cpu)?;
+        let golden = |k: &str| tensors.get(k).with_context(|| format!("{set}.safetensors lacks {k}"));
+        let usize_of = |k: &str, d: usize| json.get(k).and_then(Value::as_u64).map_or(d, |v| v as usize);
+        let cfg = step3_model::PreprocessConfig {
+            image_size: usize_of("image_size", 728),
+            crop_size: usize_of("crop_size", json.get("patch_size").and_then(Value::as_u64).unwrap_or(504) as usize),
+            ..Default::default()
+        };
+        let entries: Vec<(String, Value)> = match json.get("images") {
+            Some(Value::Object(m)) => m.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            _ => vec![(json.get("image").and_then(Value::as_str).unwrap_or_default().to_string(), json.clone())],
+        };
+        for (name, meta) in entries {
+            let file = fixtures.join("images").join(format!("{name}.png"));
+            let img = step3_model::vision::load_image(&file, cfg.max_pixels)?;
+            let p = step3_model::vision::preprocess(&img, &cfg)?;
+            // Check names carry the set; tensor keys in the file are `<image>.<what>`.
+            let key = |k: &str| format!("{set}.{name}.{k}");
+            let tkey = |k: &str| format!("{name}.{k}");
+            out.push(same(
+                key("num_patches"),
+                meta.get("num_patches").and_then(Value::as_u64) == Some(p.num_crops() as u64),
+            ));
+            let mask: Vec<bool> = meta
+                .get("patch_newline_mask")
+                .and_then(Value::as_array)
+                .map(|a| a.iter().filter_map(Value::as_bool).collect())
+                .unwrap_or_default();
+            out.push(same(key("patch_newline_mask"), mask == p.newline_mask));
+            let tokens = |k: &str| {
+                json.get(k).and_then(Value::as_u64).map(|v| v as usize).with_context(|| format!("{set}.json lacks {k}"))
+            };
+            let layout = ImageLayout {
+                newline_mask: p.newline_mask.clone(),
+                crop_tokens: tokens("num_patch_feature_size")?,
+                global_tokens: tokens("num_image_feature_size")?,
+            };
+            let segs: Vec<(String, u64)> = meta
+                .get("token_layout_segments")
+                .and_then(Value::as_array)
+                .map(|a| {
+                    a.iter().filter_map(|s| Some((s.get(0)?.as_str()?.to_string(), s.get(1)?.as_u64()?))).collect()
+                })
+                .unwrap_or_default();
+            let ours: Vec<(String, u64)> =
+                layout.segments().into_iter().map(|(n, c)| (n.to_string(), c as u64)).collect();
+            out.push(same(key("token_layout_segments"), segs == ours));
+            if let Some(g) = meta.get("geometry") {
+                let eq = |k: &str, v: Value| g.get(k) == Some(&v);
+                let geo = &p.geometry;
+                let ok = eq("original_size", serde_json::json!(geo.original_size))
+                    && eq("resized_size", serde_json::json!(geo.resized_size))
+                    && eq("square_padded", serde_json::json!(geo.square_padded))
+                    && eq("window_size", serde_json::json!(geo.window_size))
+                    && g.get("crop_canvas_size").is_none_or(|c| *c == serde_json::json!(geo.crop_canvas_size))
+                    && g.get("boxes_xywh").is_none_or(|b| *b == serde_json::json!(geo.boxes));
+                out.push(same(key("geometry"), ok));
+            }
+            if let Some(h) = meta.get("resized_u8_sha256").and_then(Value::as_str) {
+                out.push(same(key("resized_u8_sha256"), sha(&p.global_u8) == h));
+            }
+            if let (Some(h), Some(canvas)) = (meta.get("crop_canvas_u8_sha256").and_then(Value::as_str), &p.canvas_u8) {
+                out.push(same(key("crop_canvas_u8_sha256"), sha(canvas) == h));
+            }
+            for (k, img, stride) in [
+                ("resized_u8", Some(&p.global_u8), 1),
+                ("crop_canvas_u8", p.canvas_u8.as_ref(), 1),
+                ("crop_canvas_u8_sub7", p.canvas_u8.as_ref(), 7),
+            ] {
+                if let (Some(g), Some(img)) = (tensors.get(&tkey(k)), img) {
+                    let ours = u8_tensor(img, stride)?;
+                    let equal = ours.dims() == g.dims() && max_abs_diff(&ours, g)? == 0.0;
+                    out.push(same(key(k), equal));
+                }
+            }
+            if step == 1 {
+                out.push(abs(key("pixel_values"), &p.pixel_values, golden(&tkey("pixel_values"))?)?);
+                if let Some(px) = &p.patch_pixel_values {
+                    out.push(abs(key("patch_pixel_values"), px, golden(&tkey("patch_pixel_values"))?)?);
+                }
+            } else {
+                let sub = |t: &Tensor| -> Result<Tensor> {
+                    let (_, _, h, w) = t.dims4()?;
+                    let r: Vec<u32> = (0..h).step_by(step).map(|v| v as u32).collect();
+                    let c: Vec<u32> = (0..w).step_by(step).map(|v| v as u32).collect();
+                    Ok(t.index_select(&Tensor::new(r, t.device())?, 2)?
+                        .index_select(&Tensor::new(c, t.device())?, 3)?)
+                };
+                out.push(abs(key("pixel_values_sub8"), &sub(&p.pixel_values)?, golden(&tkey("pixel_values_sub8"))?)?);
+                if let Some(px) = &p.patch_pixel_values {
+                    out.push(abs(
+                        key("patch_pixel_values_sub8"),
+                        &sub(px)?,
+                        golden(&tkey("patch_pixel_values_sub8"))?,
+                    )?);
+                }
+                for (stat_key, t) in [
+                    ("pixel_values_stats", Some(&p.pixel_values)),
+                    ("patch_pixel_values_stats", p.patch_pixel_values.as_ref()),
+                ] {
+                    let (Some(stats), Some(t)) = (meta.get(stat_key), t) else { continue };
+                    let v: Vec<f32> = t.flatten_all()?.to_vec1()?;
+                    let abs_sum: f64 = v.iter().map(|x| x.abs() as f64).sum();
+                    let want = stats.get("abs_sum").and_then(Value::as_f64).unwrap_or(f64::NAN);
+                    out.push(GoldenCheck {
+                        name: format!("preprocess/{set}.{name}.{stat_key}.abs_sum"),
+                        measure: Measure::RelErr { worst: (abs_sum - want).abs() / want, tolerance: 1e-6 },
+                        gating: true,
+                    });
+                }
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// `moe-renorm-f32` also stores logits computed with renormalisation switched off: the same

@@ -35,7 +35,7 @@ fn load_err(dir: &Path) -> String {
 #[test]
 fn weights_stay_compact_and_match_the_dequantised_model() {
     let ckpt = Step3Checkpoint::open(fixtures().join("fp8-block")).unwrap();
-    let opts = |fp8| LoadOptions { dtype: DType::F32, device: Device::Cpu, fp8 };
+    let opts = |fp8| LoadOptions { dtype: DType::F32, device: Device::Cpu, fp8, ..Default::default() };
     let compact = ckpt.load_text_model_with(&opts(Fp8Storage::Compact)).unwrap();
     let dequantized = ckpt.load_text_model_with(&opts(Fp8Storage::Dequantized)).unwrap();
 

@@ -223,6 +223,137 @@ impl TextConfig {
     }
 }
 
+/// `vision_config` as written in the checkpoint. The published Step3 file carries only
+/// `hidden_size` and `output_hidden_size`; the other keys take the reference class's defaults
+/// (63 layers, 16 heads, 3 channels, 728 px, patch 14, quick_gelu) and `layer_norm_eps` the 1e-6
+/// StepFun's code hard-codes. `intermediate_size` has no trustworthy default (the class says 3072,
+/// the real tower has 15360): when absent it is read from `fc1.weight` at load time.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+struct RawVision {
+    hidden_size: usize,
+    output_hidden_size: usize,
+    #[serde(default)]
+    intermediate_size: Option<usize>,
+    #[serde(default = "d63")]
+    num_hidden_layers: usize,
+    #[serde(default = "d16")]
+    num_attention_heads: usize,
+    #[serde(default = "d3")]
+    num_channels: usize,
+    #[serde(default = "d728")]
+    image_size: usize,
+    #[serde(default = "d14")]
+    patch_size: usize,
+    #[serde(default)]
+    hidden_act: Option<String>,
+    #[serde(default)]
+    layer_norm_eps: Option<f64>,
+    #[serde(default)]
+    model_type: Option<String>,
+}
+
+fn d63() -> usize {
+    63
+}
+fn d16() -> usize {
+    16
+}
+fn d3() -> usize {
+    3
+}
+fn d728() -> usize {
+    728
+}
+fn d14() -> usize {
+    14
+}
+
+/// The vision tower and projector settings of a step3_vl config.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct VisionSection {
+    pub hidden_size: usize,
+    pub output_hidden_size: usize,
+    /// `None` when the config omits it (then it comes from the checkpoint's `fc1.weight`).
+    pub intermediate_size: Option<usize>,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_channels: usize,
+    pub image_size: usize,
+    pub patch_size: usize,
+    pub layer_norm_eps: f64,
+    /// `understand_projector_stride`.
+    pub projector_stride: usize,
+    /// `projector_bias`.
+    pub projector_bias: bool,
+}
+
+impl RawVision {
+    fn resolve(self, path: &Path, projector_stride: usize, projector_bias: bool) -> Result<VisionSection> {
+        let key = |k: &str| format!("vision_config.{k}");
+        if let Some(act) = &self.hidden_act {
+            if act != "quick_gelu" {
+                return Err(Error::key(path, key("hidden_act"), format!("must be \"quick_gelu\", found \"{act}\"")));
+            }
+        }
+        if let Some(mt) = &self.model_type {
+            if mt != "step3_vision_encoder" {
+                return Err(Error::key(
+                    path,
+                    key("model_type"),
+                    format!("must be \"step3_vision_encoder\", found \"{mt}\""),
+                ));
+            }
+        }
+        for (k, v) in [
+            ("hidden_size", self.hidden_size),
+            ("output_hidden_size", self.output_hidden_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_channels", self.num_channels),
+            ("patch_size", self.patch_size),
+            ("image_size", self.image_size),
+        ] {
+            if v == 0 {
+                return Err(Error::key(path, key(k), "must be a positive integer, found 0"));
+            }
+        }
+        if self.hidden_size % self.num_attention_heads != 0 {
+            return Err(Error::key(
+                path,
+                key("num_attention_heads"),
+                format!("{} does not divide hidden_size {}", self.num_attention_heads, self.hidden_size),
+            ));
+        }
+        if self.image_size % self.patch_size != 0 || self.image_size / self.patch_size < 2 {
+            return Err(Error::key(
+                path,
+                key("image_size"),
+                format!(
+                    "{} must be a multiple of patch_size {} (and at least 2 patches)",
+                    self.image_size, self.patch_size
+                ),
+            ));
+        }
+        let eps = self.layer_norm_eps.unwrap_or(1e-6);
+        if !(eps.is_finite() && eps > 0.0) {
+            return Err(Error::key(path, key("layer_norm_eps"), format!("must be a positive number, found {eps}")));
+        }
+        Ok(VisionSection {
+            hidden_size: self.hidden_size,
+            output_hidden_size: self.output_hidden_size,
+            intermediate_size: self.intermediate_size,
+            num_hidden_layers: self.num_hidden_layers,
+            num_attention_heads: self.num_attention_heads,
+            num_channels: self.num_channels,
+            image_size: self.image_size,
+            patch_size: self.patch_size,
+            layer_norm_eps: eps,
+            projector_stride,
+            projector_bias,
+        })
+    }
+}
+
 /// Block-FP8 weight quantisation (`quantization_config` with `quant_method: fp8`): weights in
 /// `float8_e4m3fn` with one f32 scale per `weight_block_size` block, dequantised as
 /// `W = f32(Wq) · scale_inv[r / b0, c / b1]`.
@@ -289,8 +420,8 @@ impl QuantizationConfig {
 pub struct Step3Config {
     pub model_type: ModelType,
     pub text: TextConfig,
-    /// The raw `vision_config` section (step3_vl only).
-    pub vision: Option<Value>,
+    /// The vision tower and projector (step3_vl only).
+    pub vision: Option<VisionSection>,
     /// Block-FP8 quantisation of the language model's linear weights, if any.
     pub quantization: Option<QuantizationConfig>,
     /// Token id of `<im_patch>` (step3_vl only).
@@ -340,7 +471,26 @@ impl Step3Config {
 
         let vision = match model_type {
             ModelType::Step3Vl => {
-                Some(obj.get("vision_config").cloned().ok_or_else(|| Error::key(path, "vision_config", "is missing"))?)
+                let section =
+                    obj.get("vision_config").ok_or_else(|| Error::key(path, "vision_config", "is missing"))?;
+                let raw: RawVision = deserialize_section(section.clone(), path, "vision_config.")?;
+                let top = |key: &str| {
+                    obj.get(key).ok_or_else(|| {
+                        Error::key(
+                            path,
+                            key,
+                            "is missing (always read from config.json: the class default builds a different model)",
+                        )
+                    })
+                };
+                let stride = top("understand_projector_stride")?
+                    .as_u64()
+                    .filter(|&v| v > 0)
+                    .ok_or_else(|| Error::key(path, "understand_projector_stride", "must be a positive integer"))?;
+                let bias = top("projector_bias")?
+                    .as_bool()
+                    .ok_or_else(|| Error::key(path, "projector_bias", "must be true or false"))?;
+                Some(raw.resolve(path, stride as usize, bias)?)
             }
             ModelType::Step3Text => None,
         };
@@ -427,6 +577,43 @@ mod tests {
         let mut v: Value = serde_json::from_str(TEXT).unwrap();
         f(v.as_object_mut().unwrap());
         v.to_string()
+    }
+
+    fn vision() -> Value {
+        serde_json::json!({"hidden_size": 32, "output_hidden_size": 48, "image_size": 56, "patch_size": 4, "num_hidden_layers": 2, "num_attention_heads": 2})
+    }
+
+    #[test]
+    fn vision_config_defaults_and_checks() {
+        let text: Value = serde_json::from_str(TEXT).unwrap();
+        let vl = |v: Value, extra: &[(&str, Value)]| {
+            let mut o = serde_json::json!({"model_type": "step3_vl", "text_config": text, "vision_config": v, "understand_projector_stride": 2, "projector_bias": false});
+            for (k, val) in extra {
+                o[*k] = val.clone();
+            }
+            Step3Config::from_json_str(&o.to_string(), "c.json")
+        };
+        // The published file's two keys only: the rest are the reference class's defaults.
+        let c = vl(serde_json::json!({"hidden_size": 1792, "output_hidden_size": 4096}), &[]).unwrap();
+        let v = c.vision.unwrap();
+        assert_eq!((v.num_hidden_layers, v.num_attention_heads, v.image_size, v.patch_size), (63, 16, 728, 14));
+        assert_eq!(
+            (v.intermediate_size, v.layer_norm_eps, v.projector_stride, v.projector_bias),
+            (None, 1e-6, 2, false)
+        );
+        let e = vl(serde_json::json!({"output_hidden_size": 4096}), &[]).unwrap_err().to_string();
+        assert!(e.contains("`vision_config.hidden_size` is missing"), "{e}");
+        let e = vl(serde_json::json!({"hidden_size": 32, "output_hidden_size": 48, "hidden_act": "gelu"}), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("vision_config.hidden_act"), "{e}");
+        let mut o = serde_json::json!({"model_type": "step3_vl", "text_config": text, "vision_config": vision(), "projector_bias": false});
+        let e = Step3Config::from_json_str(&o.to_string(), "c.json").unwrap_err().to_string();
+        assert!(e.contains("`understand_projector_stride` is missing"), "{e}");
+        o["understand_projector_stride"] = 2.into();
+        o.as_object_mut().unwrap().remove("projector_bias");
+        let e = Step3Config::from_json_str(&o.to_string(), "c.json").unwrap_err().to_string();
+        assert!(e.contains("`projector_bias` is missing"), "{e}");
     }
 
     fn err(text: &str) -> String {
@@ -541,18 +728,18 @@ mod tests {
         let text: Value = serde_json::from_str(TEXT).unwrap();
         let mut t = text.clone();
         t.as_object_mut().unwrap().remove("vocab_size");
-        let vl = serde_json::json!({"model_type": "step3_vl", "text_config": t, "vision_config": {}});
+        let vl = serde_json::json!({"model_type": "step3_vl", "text_config": t, "vision_config": vision(), "understand_projector_stride": 2, "projector_bias": false});
         let e = err(&vl.to_string());
         assert!(e.contains("`text_config.vocab_size` is missing"), "{e}");
-        let vl = serde_json::json!({"model_type": "step3_vl", "vision_config": {}});
+        let vl = serde_json::json!({"model_type": "step3_vl", "vision_config": vision()});
         assert!(err(&vl.to_string()).contains("`text_config` is missing"));
-        let vl = serde_json::json!({"model_type": "step3_vl", "text_config": text, "vision_config": {}, "eos_token_id": [7, 9], "image_token_id": 301});
+        let vl = serde_json::json!({"model_type": "step3_vl", "text_config": text, "vision_config": vision(), "understand_projector_stride": 2, "projector_bias": false, "eos_token_id": [7, 9], "image_token_id": 301});
         let c = Step3Config::from_json_str(&vl.to_string(), "c.json").unwrap();
         assert_eq!(c.eos_token_ids, vec![7, 9]);
         assert_eq!(c.image_token_id, Some(301));
         assert!(err(r#"{"hidden_size": 3}"#).contains("`model_type` is missing"));
         let q = |q: Value| {
-            let v = serde_json::json!({"model_type": "step3_vl", "text_config": text, "vision_config": {}, "quantization_config": q});
+            let v = serde_json::json!({"model_type": "step3_vl", "text_config": text, "vision_config": vision(), "understand_projector_stride": 2, "projector_bias": false, "quantization_config": q});
             Step3Config::from_json_str(&v.to_string(), "c.json")
         };
         let ok = q(

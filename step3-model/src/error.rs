@@ -44,6 +44,15 @@ pub enum Error {
     UnsupportedDtype(DType),
     #[error(transparent)]
     Cache(#[from] step3_mfa::CacheError),
+    /// An image that cannot be used (the error names the file when it has one).
+    #[error(transparent)]
+    Vision(#[from] step3_vision::VisionError),
+    #[error("{}: {source}", path.display())]
+    ImageFile {
+        path: PathBuf,
+        #[source]
+        source: step3_vision::VisionError,
+    },
     /// Invalid input from the caller (token ids, sampling settings, shapes).
     #[error("{0}")]
     Input(String),

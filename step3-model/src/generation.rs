@@ -117,6 +117,18 @@ pub fn generate(
     model: &Step3TextModel,
     prompt: &[u32],
     params: &SamplingParams,
+    on_token: impl FnMut(u32),
+) -> Result<GenerationOutput> {
+    generate_from_embeds(model, prompt, None, params, on_token)
+}
+
+/// [`generate`] with the prompt's embeddings given (`[1, T, H]`, e.g. with image features merged
+/// in by [`crate::Step3Model::embed`]); `prompt` holds the matching token ids.
+pub fn generate_from_embeds(
+    model: &Step3TextModel,
+    prompt: &[u32],
+    embeds: Option<Tensor>,
+    params: &SamplingParams,
     mut on_token: impl FnMut(u32),
 ) -> Result<GenerationOutput> {
     params.validate()?;
@@ -138,8 +150,20 @@ pub fn generate(
     let device = model.device();
 
     let start = Instant::now();
-    let ids = Tensor::new(prompt, device)?.unsqueeze(0)?;
-    let hidden = model.forward(&ids, &[prompt.len()], &mut cache, None)?;
+    let embeds = match embeds {
+        Some(e) => {
+            if e.dims() != [1, prompt.len(), model.config().hidden_size] {
+                return Err(Error::Input(format!(
+                    "prompt embeddings {:?} do not match {} prompt tokens",
+                    e.dims(),
+                    prompt.len()
+                )));
+            }
+            e
+        }
+        None => model.embed(&Tensor::new(prompt, device)?.unsqueeze(0)?)?,
+    };
+    let hidden = model.forward_embeds(&embeds, &[prompt.len()], &mut cache, None)?;
     let logits = model.logits(&hidden.i((0, prompt.len() - 1))?)?;
     let mut next = sampler.sample(&logits)?;
     let prefill_time = start.elapsed();

@@ -14,6 +14,8 @@ use crate::Error;
 pub struct ExpectedTensor {
     pub name: String,
     pub shape: Vec<usize>,
+    /// Another shape the reference also loads (e.g. a 1-D class embedding).
+    pub alt_shape: Option<Vec<usize>>,
     /// May be stored block-FP8 (the language model's linear weights; not embeddings, norms, the
     /// router, `lm_head` or anything of the vision tower).
     pub quantizable: bool,
@@ -21,7 +23,7 @@ pub struct ExpectedTensor {
 
 impl ExpectedTensor {
     fn new(name: impl Into<String>, shape: &[usize]) -> Self {
-        Self { name: name.into(), shape: shape.to_vec(), quantizable: false }
+        Self { name: name.into(), shape: shape.to_vec(), alt_shape: None, quantizable: false }
     }
 
     fn linear(name: impl Into<String>, shape: &[usize]) -> Self {
@@ -64,6 +66,48 @@ pub fn text_tensors(c: &TextConfig) -> Vec<ExpectedTensor> {
     }
     out.push(ExpectedTensor::new("model.norm.weight", &[h]));
     out.push(ExpectedTensor::new("lm_head.weight", &[c.vocab_size, h]));
+    out
+}
+
+/// The vision tower's and projector's tensors (`vision_model.*`, `vit_downsampler*`,
+/// `vit_large_projector`), for MLP width `intermediate` and a language model of width `text_hidden`.
+pub fn vision_tensors(
+    v: &crate::config::VisionSection,
+    intermediate: usize,
+    text_hidden: usize,
+) -> Vec<ExpectedTensor> {
+    let (d, p, c, o) = (v.hidden_size, v.patch_size, v.num_channels, v.output_hidden_size);
+    let g = v.image_size / v.patch_size;
+    let e = "vision_model.embeddings";
+    let mut out = vec![
+        ExpectedTensor { alt_shape: Some(vec![d]), ..ExpectedTensor::new(format!("{e}.class_embedding"), &[1, d]) },
+        ExpectedTensor::new(format!("{e}.patch_embedding.weight"), &[d, c, p, p]),
+        ExpectedTensor::new(format!("{e}.patch_embedding.bias"), &[d]),
+        ExpectedTensor::new(format!("{e}.position_embedding.weight"), &[1 + g * g, d]),
+    ];
+    for i in 0..v.num_hidden_layers {
+        let l = format!("vision_model.transformer.layers.{i}");
+        out.push(ExpectedTensor::new(format!("{l}.self_attn.qkv_proj.weight"), &[3 * d, d]));
+        out.push(ExpectedTensor::new(format!("{l}.self_attn.qkv_proj.bias"), &[3 * d]));
+        out.push(ExpectedTensor::new(format!("{l}.self_attn.out_proj.weight"), &[d, d]));
+        out.push(ExpectedTensor::new(format!("{l}.self_attn.out_proj.bias"), &[d]));
+        for n in ["layer_norm1", "layer_norm2"] {
+            out.push(ExpectedTensor::new(format!("{l}.{n}.weight"), &[d]));
+            out.push(ExpectedTensor::new(format!("{l}.{n}.bias"), &[d]));
+        }
+        out.push(ExpectedTensor::new(format!("{l}.mlp.fc1.weight"), &[intermediate, d]));
+        out.push(ExpectedTensor::new(format!("{l}.mlp.fc1.bias"), &[intermediate]));
+        out.push(ExpectedTensor::new(format!("{l}.mlp.fc2.weight"), &[d, intermediate]));
+        out.push(ExpectedTensor::new(format!("{l}.mlp.fc2.bias"), &[d]));
+    }
+    out.push(ExpectedTensor::new("vit_downsampler.weight", &[o, d, 2, 2]));
+    out.push(ExpectedTensor::new("vit_downsampler.bias", &[o]));
+    out.push(ExpectedTensor::new("vit_downsampler2.weight", &[2 * o, o, 3, 3]));
+    out.push(ExpectedTensor::new("vit_downsampler2.bias", &[2 * o]));
+    out.push(ExpectedTensor::new("vit_large_projector.weight", &[text_hidden, 2 * o]));
+    if v.projector_bias {
+        out.push(ExpectedTensor::new("vit_large_projector.bias", &[text_hidden]));
+    }
     out
 }
 
@@ -118,7 +162,7 @@ pub fn check(ckpt: &Checkpoint, expected: &[ExpectedTensor], quant: Option<&Quan
             found: format!("{:?}", info.dtype),
             expected: expected.into(),
         };
-        if info.shape != t.shape {
+        if info.shape != t.shape && t.alt_shape.as_ref() != Some(&info.shape) {
             report.problems.push(Error::TensorShape {
                 name: t.name.clone(),
                 file: file.clone(),

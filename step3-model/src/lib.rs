@@ -4,12 +4,14 @@
 //! that names it), checkpoint discovery and memory-mapped loading (one `model.safetensors` or
 //! shards listed in `model.safetensors.index.json`), the inventory check of every expected tensor
 //! before anything is built, the Step3 language model composed from [`step3_mfa`] attention and
-//! [`step3_moe`] feed-forward blocks, the KV-cached generation loop and parameter arithmetic.
-//! It does not parse command lines or print: the `step3` facade crate does that.
+//! [`step3_moe`] feed-forward blocks, the whole vision-language model with its image-feature
+//! merge ([`Step3Model`], the tower itself is [`step3_vision`]'s), the KV-cached generation loop
+//! and parameter arithmetic. It does not parse command lines or print: the `step3` facade crate
+//! does that.
 //!
 //! ```no_run
 //! # fn main() -> step3_model::Result<()> {
-//! use candle_core::{DType, Device, Tensor};
+//! use candle_core::{DType, Device};
 //! let ckpt = step3_model::Step3Checkpoint::open("path/to/step3")?;
 //! let model = ckpt.load_text_model(DType::BF16, &Device::Cpu)?;
 //! let params = step3_model::SamplingParams { max_new_tokens: 8, ..Default::default() };
@@ -23,6 +25,7 @@ pub mod config;
 mod error;
 pub mod generation;
 pub mod inventory;
+mod multimodal;
 pub mod params;
 mod text;
 
@@ -31,13 +34,18 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 
 pub use checkpoint::Checkpoint;
-pub use config::{ModelType, QuantizationConfig, Step3Config, TextConfig};
+pub use config::{ModelType, QuantizationConfig, Step3Config, TextConfig, VisionSection};
 pub use error::{Error, Result};
-pub use generation::{generate, FinishReason, GenerationOutput, SamplingParams};
+pub use generation::{generate, generate_from_embeds, FinishReason, GenerationOutput, SamplingParams};
 pub use inventory::{ExpectedTensor, InventoryReport};
+pub use multimodal::{merge, Step3Model};
 pub use params::{kv_bytes_per_token, param_counts, ParamCounts};
 pub use step3_moe::Routing;
 pub use step3_nn::{BlockFp8, Linear, Weight, WeightFormat};
+pub use step3_vision as vision;
+pub use step3_vision::{
+    ImageLayout, ImageTokenIds, PreprocessConfig, PreprocessedImage, VisionConfig, VisionModel, WindowRule,
+};
 pub use text::{LayerRouting, Step3Cache, Step3TextModel};
 
 /// How block-FP8 weights are held once loaded.
@@ -58,6 +66,8 @@ pub struct LoadOptions {
     pub dtype: DType,
     pub device: Device,
     pub fp8: Fp8Storage,
+    /// Side of the local image crops (default: `preprocessor_config.json`, else 504).
+    pub crop_size: Option<usize>,
 }
 
 impl LoadOptions {
@@ -76,7 +86,7 @@ impl LoadOptions {
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { dtype: DType::BF16, device: Device::Cpu, fp8: Fp8Storage::Compact }
+        Self { dtype: DType::BF16, device: Device::Cpu, fp8: Fp8Storage::Compact, crop_size: None }
     }
 }
 
@@ -115,14 +125,173 @@ impl Step3Checkpoint {
         &self.weights
     }
 
-    /// Every tensor the config implies for the parts this build loads.
+    /// Every tensor the language model needs.
     pub fn expected_tensors(&self) -> Vec<ExpectedTensor> {
         inventory::text_tensors(&self.config.text)
     }
 
-    /// Checks presence, shape and dtype of every expected tensor (and of FP8 scales).
+    /// Every tensor the vision tower and projector need (empty for a text-only checkpoint).
+    pub fn expected_vision_tensors(&self) -> Vec<ExpectedTensor> {
+        match (&self.config.vision, self.vision_intermediate_size()) {
+            (Some(v), Some(i)) => inventory::vision_tensors(v, i, self.config.text.hidden_size),
+            _ => Vec::new(),
+        }
+    }
+
+    /// The vision MLP width: from the config, else from the checkpoint's first `fc1.weight`.
+    fn vision_intermediate_size(&self) -> Option<usize> {
+        let v = self.config.vision.as_ref()?;
+        v.intermediate_size.or_else(|| {
+            self.weights.info("vision_model.transformer.layers.0.mlp.fc1.weight").and_then(|i| i.shape.first().copied())
+        })
+    }
+
+    /// Checks presence, shape and dtype of every language-model tensor (and of FP8 scales).
     pub fn check(&self) -> InventoryReport {
         inventory::check(&self.weights, &self.expected_tensors(), self.config.quantization.as_ref())
+    }
+
+    /// [`Self::check`] over the language model and the vision tower together.
+    pub fn check_all(&self) -> InventoryReport {
+        let mut expected = self.expected_tensors();
+        expected.extend(self.expected_vision_tensors());
+        if self.config.vision.is_some() && self.vision_intermediate_size().is_none() {
+            let mut r = inventory::check(&self.weights, &expected, self.config.quantization.as_ref());
+            r.problems.push(Error::MissingTensor {
+                name: "vision_model.transformer.layers.0.mlp.fc1.weight".into(),
+                within: None,
+            });
+            return r;
+        }
+        inventory::check(&self.weights, &expected, self.config.quantization.as_ref())
+    }
+
+    /// The vision tower's settings, with the MLP width resolved against the checkpoint (a config
+    /// value that disagrees with the weights is an error).
+    pub fn vision_config(&self) -> Result<Option<VisionConfig>> {
+        let Some(v) = &self.config.vision else { return Ok(None) };
+        let from_weights = self
+            .weights
+            .info("vision_model.transformer.layers.0.mlp.fc1.weight")
+            .and_then(|i| i.shape.first().copied());
+        let intermediate = match (v.intermediate_size, from_weights) {
+            (Some(c), Some(w)) if c != w => {
+                return Err(Error::key(
+                    &self.config.path,
+                    "vision_config.intermediate_size",
+                    format!(
+                        "is {c}, but the checkpoint's vision_model.transformer.layers.0.mlp.fc1.weight has {w} rows"
+                    ),
+                ))
+            }
+            (_, Some(w)) => w,
+            (Some(c), None) => c,
+            (None, None) => {
+                return Err(Error::MissingTensor {
+                    name: "vision_model.transformer.layers.0.mlp.fc1.weight".into(),
+                    within: None,
+                })
+            }
+        };
+        Ok(Some(VisionConfig {
+            hidden_size: v.hidden_size,
+            intermediate_size: intermediate,
+            num_hidden_layers: v.num_hidden_layers,
+            num_attention_heads: v.num_attention_heads,
+            num_channels: v.num_channels,
+            image_size: v.image_size,
+            patch_size: v.patch_size,
+            layer_norm_eps: v.layer_norm_eps,
+            output_hidden_size: v.output_hidden_size,
+            projector_stride: v.projector_stride,
+            projector_bias: v.projector_bias,
+            text_hidden_size: self.config.text.hidden_size,
+        }))
+    }
+
+    /// Preprocessing settings: Step3's defaults, the global size of the vision tower, then
+    /// `preprocessor_config.json` (`crop_size`, `max_image_size`, `window_rule` "<=" or "<",
+    /// `enable_patch`), then `crop_size` if given.
+    pub fn preprocess_config(&self, crop_size: Option<usize>) -> Result<PreprocessConfig> {
+        let mut cfg = PreprocessConfig::default();
+        if let Some(v) = &self.config.vision {
+            cfg.image_size = v.image_size;
+        }
+        let path = self.dir.join("preprocessor_config.json");
+        if path.is_file() {
+            let text = std::fs::read_to_string(&path).map_err(|source| Error::Io { path: path.clone(), source })?;
+            let json: serde_json::Value =
+                serde_json::from_str(&text).map_err(|source| Error::Json { path: path.clone(), source })?;
+            let size = |key: &str| -> Result<Option<usize>> {
+                match json.get(key) {
+                    None | Some(serde_json::Value::Null) => Ok(None),
+                    Some(v) => v
+                        .as_u64()
+                        .filter(|&n| n > 0)
+                        .map(|n| Some(n as usize))
+                        .ok_or_else(|| Error::key(&path, key, format!("must be a positive integer, found {v}"))),
+                }
+            };
+            if let Some(s) = size("image_size")? {
+                if s != cfg.image_size {
+                    return Err(Error::key(
+                        &path,
+                        "image_size",
+                        format!("is {s}, but the vision tower is built for {}", cfg.image_size),
+                    ));
+                }
+            }
+            if let Some(s) = size("crop_size")? {
+                cfg.crop_size = s;
+            }
+            if let Some(s) = size("max_image_size")? {
+                cfg.max_image_size = s;
+            }
+            match json.get("window_rule").and_then(|v| v.as_str()) {
+                None => {}
+                Some("<=") | Some("le") => cfg.window_rule = WindowRule::LessOrEqual,
+                Some("<") | Some("lt") => cfg.window_rule = WindowRule::Less,
+                Some(other) => {
+                    return Err(Error::key(&path, "window_rule", format!("must be \"<=\" or \"<\", found \"{other}\"")))
+                }
+            }
+            if let Some(v) = json.get("enable_patch") {
+                cfg.enable_patch =
+                    v.as_bool().ok_or_else(|| Error::key(&path, "enable_patch", "must be true or false"))?;
+            }
+        }
+        if let Some(c) = crop_size {
+            cfg.crop_size = c;
+        }
+        if let Some(v) = &self.config.vision {
+            for (what, s) in [("crop size", cfg.crop_size), ("image size", cfg.image_size)] {
+                if s % v.patch_size != 0 || s / v.patch_size < 2 {
+                    return Err(Error::Input(format!(
+                        "the {what} {s} must be a multiple of the vision patch size {} (at least two patches)",
+                        v.patch_size
+                    )));
+                }
+            }
+        }
+        Ok(cfg)
+    }
+
+    /// Checks every tensor, then builds the whole model: the language model and, for a
+    /// `step3_vl` checkpoint, the vision tower (its crop position table resized once, here).
+    pub fn load(&self, opts: &LoadOptions) -> Result<Step3Model> {
+        if !matches!(opts.dtype, DType::F32 | DType::BF16 | DType::F16) {
+            return Err(Error::UnsupportedDtype(opts.dtype));
+        }
+        let vision_cfg = self.vision_config()?;
+        let preprocess = self.preprocess_config(opts.crop_size)?;
+        self.check_all().into_result()?;
+        let vb = self.var_builder(opts.dtype, &opts.device);
+        let text = Step3TextModel::new(&self.config.text, self.weight_format(opts.fp8), vb.clone())?;
+        let vision = match &vision_cfg {
+            Some(cfg) => Some(VisionModel::new(cfg, Some(preprocess.crop_size), vb)?),
+            None => None,
+        };
+        Ok(Step3Model { text, vision, image_token_id: self.config.image_token_id, preprocess })
     }
 
     /// How linear weights are stored, for loading with `fp8`.
@@ -149,7 +318,7 @@ impl Step3Checkpoint {
     /// Checks the inventory, then builds the language model in `dtype` (f32, bf16 or f16) on
     /// `device`, keeping block-FP8 weights compact. Tensors are read from the mapping one at a time.
     pub fn load_text_model(&self, dtype: DType, device: &Device) -> Result<Step3TextModel> {
-        self.load_text_model_with(&LoadOptions { dtype, device: device.clone(), fp8: Fp8Storage::Compact })
+        self.load_text_model_with(&LoadOptions { dtype, device: device.clone(), ..Default::default() })
     }
 
     /// [`Self::load_text_model`] with every option.

@@ -10,6 +10,7 @@ use step3::{DType, Device};
 mod bench;
 mod cost;
 mod inspect;
+mod preprocess;
 
 #[derive(Parser)]
 #[command(name = "step3", version, about = "Pure-Rust inference for StepFun's Step3 (candle)")]
@@ -32,6 +33,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Decode cost per token and per 1M tokens (the Step3 paper's model), for a preset or a config.
     Cost(cost::CostArgs),
+    /// Run the official image preprocessing: pixel tensors, crops, newline flags, token layout.
+    Preprocess(preprocess::PreprocessArgs),
 }
 
 /// Where the model is and how to run it.
@@ -50,6 +53,13 @@ struct ModelArgs {
     /// or `dequantized` at load (faster, compute-dtype-sized memory).
     #[arg(long, default_value = "compact")]
     fp8: String,
+    /// Images, in prompt order (repeatable); `--ids` must hold their expanded placeholder layouts.
+    #[arg(long = "image")]
+    images: Vec<PathBuf>,
+    /// Side of the local image crops, when the model needs a non-default one (default:
+    /// preprocessor_config.json, else 504).
+    #[arg(long)]
+    crop_size: Option<usize>,
 }
 
 impl ModelArgs {
@@ -58,14 +68,25 @@ impl ModelArgs {
             .with_context(|| format!("opening the checkpoint in {}", self.model_dir.display()))
     }
 
-    fn load(&self, ckpt: &step3::Step3Checkpoint) -> Result<step3::Step3TextModel> {
+    fn load(&self, ckpt: &step3::Step3Checkpoint) -> Result<step3::Step3Model> {
         let fp8 = match self.fp8.as_str() {
             "compact" => step3::Fp8Storage::Compact,
             "dequantized" | "dequantised" => step3::Fp8Storage::Dequantized,
             other => bail!("--fp8 must be `compact` or `dequantized`, not `{other}`"),
         };
-        let opts = step3::LoadOptions { dtype: parse_dtype(&self.dtype)?, device: parse_device(&self.device)?, fp8 };
-        ckpt.load_text_model_with(&opts).with_context(|| format!("loading {}", self.model_dir.display()))
+        let opts = step3::LoadOptions {
+            dtype: parse_dtype(&self.dtype)?,
+            device: parse_device(&self.device)?,
+            fp8,
+            crop_size: self.crop_size,
+        };
+        ckpt.load(&opts).with_context(|| format!("loading {}", self.model_dir.display()))
+    }
+
+    /// Prompt embeddings `[1, T, H]` with the images' features merged in.
+    fn embed(&self, model: &step3::Step3Model, ids: &[u32]) -> Result<candle_core::Tensor> {
+        let images = self.images.iter().map(|p| model.load_image(p)).collect::<step3::Result<Vec<_>>>()?;
+        Ok(model.embed(ids, &images)?)
     }
 }
 
@@ -129,6 +150,7 @@ fn main() -> ExitCode {
         Command::Verify(a) => verify(a),
         Command::Bench(a) => bench::run(a),
         Command::Cost(a) => cost::run(a),
+        Command::Preprocess(a) => preprocess::run(a),
     };
     match result {
         Ok(code) => code,
@@ -182,10 +204,11 @@ fn parse_ids(s: &str) -> Result<Vec<u32>> {
 fn logits(a: LogitsArgs) -> Result<ExitCode> {
     let ids = parse_ids(&a.ids)?;
     let model = a.model.load(&a.model.open()?)?;
-    let (batch, lens) = model.batch_ids(&[&ids])?;
-    let mut cache = model.new_cache(1, ids.len())?;
-    let hidden = model.forward(&batch, &lens, &mut cache, None)?.squeeze(0)?;
-    let logits = model.logits(&hidden)?;
+    let embeds = a.model.embed(&model, &ids)?;
+    let text = &model.text;
+    let mut cache = text.new_cache(1, ids.len())?;
+    let hidden = text.forward_embeds(&embeds, &[ids.len()], &mut cache, None)?.squeeze(0)?;
+    let logits = text.logits(&hidden)?;
     let tensors = [("logits", logits), ("last_hidden", hidden.to_dtype(DType::F32)?)];
     candle_core::safetensors::save(&tensors.into_iter().collect(), &a.out)
         .with_context(|| format!("writing {}", a.out.display()))?;
@@ -212,7 +235,8 @@ fn generate(a: GenerateArgs) -> Result<ExitCode> {
         ..params
     };
     let model = a.model.load(&ckpt)?;
-    let out = step3::generate(&model, &ids, &params, |_| {})?;
+    let embeds = a.model.embed(&model, &ids)?;
+    let out = step3::generate_from_embeds(&model.text, &ids, Some(embeds), &params, |_| {})?;
     println!("{}", out.tokens.iter().map(u32::to_string).collect::<Vec<_>>().join(","));
     if a.print == "stats" {
         eprintln!(

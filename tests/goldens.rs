@@ -1,6 +1,8 @@
-//! The language model against the reference's golden outputs (tests/fixtures/step3-tiny):
-//! prefill logits and hidden states, router choices, KV-cached decode, greedy tokens and the
-//! padded batch, at the fixtures' tolerances.
+//! Every golden of the reference (tests/fixtures/step3-tiny) through `step3::verify`, the same code
+//! `step3 verify` runs: preprocessing (tiny and real settings), text (prefill logits and hidden
+//! states, router choices, KV-cached decode, greedy tokens, the padded batch), vision (tower,
+//! downsamplers, projector, resized position table), multimodal prompts and block-FP8, at the
+//! fixtures' tolerances.
 
 use std::path::PathBuf;
 
@@ -49,17 +51,43 @@ fn f32_goldens_match_the_reference() {
         "fp8-block/dequant.model.layers.0.self_attn.k_proj.weight",
         "fp8-block/dequant.model.layers.1.moe.down_proj.weight.e1_rows120_136",
         "fp8-block/quantized_tensors.model.layers.1.moe.gate_proj.weight.dequant_abs_sum",
+        "preprocess/tiny.band_800x450.crop_canvas_u8_sha256",
+        "preprocess/tiny.strip_200x20.resized_u8",
+        "preprocess/tiny.tall_84x200.crop_canvas_u8",
+        "preprocess/tiny.grid_760x620.patch_pixel_values",
+        "preprocess/tiny.pano_900x150.token_layout_segments",
+        "preprocess/real.grid_760x620.patch_pixel_values_sub8",
+        "preprocess/real.grid_760x620.pixel_values_stats.abs_sum",
+        "vl-f32/vision.pixel_values",
+        "vl-f32/vision.global.encoder_out_full",
+        "vl-f32/vision.patch.down1",
+        "vl-f32/vision.patch.down2",
+        "vl-f32/vision.global.projected",
+        "vl-f32/vision.patch.position_embedding_interp",
+        "vl-f32/vision.image_embeds",
+        "vl-f32/mm.prefill_logits",
+        "vl-f32/mm.decode_logits",
+        "vl-f32/mm.greedy_tokens",
+        "vl-bf16/f32compute.mm.prefill_last_hidden",
+        "vl-bf16/f32compute.mm.greedy_tokens",
+        "moe-renorm-f32/vision.patch.projected",
+        "moe-renorm-f32/vision.image_embeds",
     ] {
         assert!(checks.iter().any(|c| c.name == want), "no check named {want}");
     }
     // Every quantised tensor of the FP8 checkpoint has its sums checked.
     let sums = checks.iter().filter(|c| c.name.starts_with("fp8-block/quantized_tensors.")).count();
     assert_eq!(sums, 2 * 27);
-    // Exact goldens are gating, and float agreement is far inside the tolerance.
+    // Every preprocessing golden of the 7 tiny images and the real-settings image is checked.
+    assert!(checks.iter().filter(|c| c.name.starts_with("preprocess/tiny.")).count() >= 7 * 6);
+    // Exact goldens are gating; float agreement is far inside the tolerance and the resamplers
+    // are bit-exact.
     for c in &checks {
         assert!(c.gating, "{c}");
-        if let Measure::RelErr { worst, .. } = c.measure {
-            assert!(worst < 1e-5, "{c}");
+        match c.measure {
+            Measure::RelErr { worst, .. } => assert!(worst < 1e-5, "{c}"),
+            Measure::AbsErr { worst, .. } => assert_eq!(worst, 0.0, "{c}"),
+            _ => {}
         }
     }
 }
@@ -77,6 +105,11 @@ fn bf16_compute_matches_the_reference_loosely() {
             let c = checks.iter().find(|c| c.name == name).unwrap_or_else(|| panic!("no check {name}"));
             assert!(c.gating && c.passed(), "{c}");
         }
+    }
+    for want in ["prefill_logits", "prefill_last_hidden", "decode_logits"] {
+        let name = format!("vl-bf16/bf16compute.mm.{want}");
+        let c = checks.iter().find(|c| c.name == name).unwrap_or_else(|| panic!("no check {name}"));
+        assert!(c.gating && c.passed(), "{c}");
     }
     // ... while f32 goldens recomputed in bf16 are reported for information only.
     let cross = checks.iter().find(|c| c.name == "vl-f32/text.seq0.decode_logits@bf16").expect("cross-dtype check");
