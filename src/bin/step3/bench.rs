@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use anyhow::Result;
 use candle_core::{DType, Device, Module, Tensor};
+
 use clap::{Args, Subcommand};
 use step3::{BlockFp8, Weight};
 
@@ -20,6 +21,22 @@ enum BenchKind {
     /// Block-FP8 linear layers: dequantise per matmul (compact weights) versus a weight dequantised
     /// once at load (the baseline), at the shapes of Step3's projections.
     Fp8(Fp8Args),
+    /// The vision tower at Step3's dimensions (1792 wide, 16 heads, MLP 15360), a few layers timed
+    /// and extrapolated to 63, for a 728-px global view and a 504-px crop.
+    Vit(VitArgs),
+}
+
+#[derive(Args)]
+struct VitArgs {
+    /// Encoder layers actually run (the time is extrapolated to 63).
+    #[arg(long, default_value_t = 2)]
+    layers: usize,
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    #[arg(long, default_value_t = 1)]
+    iters: usize,
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 #[derive(Args)]
@@ -40,6 +57,7 @@ struct Fp8Args {
 pub fn run(a: BenchArgs) -> Result<ExitCode> {
     match a.what {
         BenchKind::Fp8(a) => fp8(a),
+        BenchKind::Vit(a) => vit(a),
     }
 }
 
@@ -108,6 +126,50 @@ fn fp8(a: Fp8Args) -> Result<ExitCode> {
                 fly / base
             );
         }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn vit(a: VitArgs) -> Result<ExitCode> {
+    let dtype = crate::parse_dtype(&a.dtype)?;
+    let device = crate::parse_device(&a.device)?;
+    let full_layers = 63;
+    let mut cfg = step3::VisionConfig {
+        hidden_size: 1792,
+        intermediate_size: 15360,
+        num_hidden_layers: 0,
+        num_attention_heads: 16,
+        num_channels: 3,
+        image_size: 728,
+        patch_size: 14,
+        layer_norm_eps: 1e-6,
+        output_hidden_size: 4096,
+        projector_stride: 2,
+        projector_bias: false,
+        text_hidden_size: 7168,
+    };
+    // Weights are constant (zeros): the arithmetic is the same as with real ones.
+    let vb = candle_nn::VarBuilder::zeros(dtype, &device);
+    let bare = step3::VisionModel::new(&cfg, Some(504), vb.clone())?;
+    cfg.num_hidden_layers = a.layers;
+    let tower = step3::VisionModel::new(&cfg, Some(504), vb)?;
+    println!("Step3 ViT on {} in {dtype:?}: {} of {full_layers} layers run, median of {}", a.device, a.layers, a.iters);
+    println!("{:<14} {:>7} {:>12} {:>12} {:>14} {:>10}", "view", "tokens", "layer ms", "convs ms", "63 layers s", "GFLOP/s");
+    for (view, size) in [("global 728px", 728usize), ("crop 504px", 504)] {
+        let px = Tensor::zeros((1, 3, size, size), DType::F32, &device)?;
+        let base = time_us(a.iters, &device, || Ok(bare.forward(&px)?))?;
+        let with = time_us(a.iters, &device, || Ok(tower.forward(&px)?))?;
+        let layer_us = (with - base).max(0.0) / a.layers.max(1) as f64;
+        let t = (size / 14) * (size / 14) + 4;
+        let (d, i) = (1792f64, 15360f64);
+        let flops = 2.0 * t as f64 * d * 3.0 * d + 4.0 * (t * t) as f64 * d + 2.0 * t as f64 * d * d + 4.0 * t as f64 * d * i;
+        println!(
+            "{view:<14} {t:>7} {:>12.0} {:>12.0} {:>14.1} {:>10.1}",
+            layer_us / 1e3,
+            base / 1e3,
+            (full_layers as f64 * layer_us + base) / 1e6,
+            flops / (layer_us * 1e3)
+        );
     }
     Ok(ExitCode::SUCCESS)
 }
