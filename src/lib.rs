@@ -7,7 +7,11 @@
 pub use candle_core::{DType, Device};
 pub use step3_model::*;
 
+mod api;
+pub mod demo;
 pub mod verify;
+
+pub use api::{Event, GenerateOptions, Response, Stats, Step3, Step3Builder, Stream};
 
 /// The README's examples are compiled as doctests.
 #[cfg(doctest)]

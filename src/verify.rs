@@ -450,7 +450,7 @@ pub fn verify_fixtures(dir: &Path, dtype: DType, device: &Device) -> Result<Vec<
         let goldens = Goldens::load(&path)?;
         let ckpt = Step3Checkpoint::open(&path)?;
         let crop_size = goldens.json.get("crop_size").and_then(Value::as_u64).map(|c| c as usize);
-        let opts = LoadOptions { dtype, device: device.clone(), fp8: Fp8Storage::Compact, crop_size };
+        let opts = LoadOptions { dtype, device: device.clone(), fp8: Fp8Storage::Compact, crop_size, progress: None };
         let model = ckpt.load(&opts).with_context(|| format!("loading {}", path.display()))?;
         for (prefix, judge) in text_prefixes(folder, dtype) {
             checks.extend(check_text(&model.text, &goldens, prefix, judge)?);

@@ -251,19 +251,52 @@ fn describe(e: &safetensors::SafeTensorError, len: usize) -> String {
     }
 }
 
-/// Lets candle's [`candle_nn::VarBuilder`] read from a [`Checkpoint`].
-pub(crate) struct CheckpointBackend<'a>(pub &'a Checkpoint);
+/// A callback told how many of the model's tensors have been loaded: `(done, total)`.
+#[derive(Clone)]
+pub struct LoadProgress(pub std::sync::Arc<dyn Fn(usize, usize) + Send + Sync>);
+
+impl std::fmt::Debug for LoadProgress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LoadProgress")
+    }
+}
+
+/// Lets candle's [`candle_nn::VarBuilder`] read from a [`Checkpoint`], reporting progress.
+pub(crate) struct CheckpointBackend<'a> {
+    pub ckpt: &'a Checkpoint,
+    pub progress: Option<(LoadProgress, usize)>,
+    pub loaded: std::sync::atomic::AtomicUsize,
+}
+
+impl<'a> CheckpointBackend<'a> {
+    pub fn new(ckpt: &'a Checkpoint, progress: Option<(LoadProgress, usize)>) -> Self {
+        Self { ckpt, progress, loaded: std::sync::atomic::AtomicUsize::new(0) }
+    }
+
+    fn tick(&self) {
+        if let Some((LoadProgress(f), total)) = &self.progress {
+            let done = self.loaded.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+            f(done.min(*total), *total);
+        }
+    }
+}
 
 impl candle_nn::var_builder::SimpleBackend for CheckpointBackend<'_> {
     fn get(&self, s: Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        self.0.load(name, Some(&s), dtype, dev).map_err(candle_core::Error::wrap)
+        let t = self.ckpt.load(name, Some(&s), dtype, dev).map_err(candle_core::Error::wrap)?;
+        self.tick();
+        Ok(t)
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        self.0.load(name, None, dtype, dev).map_err(candle_core::Error::wrap)
+        let t = self.ckpt.load(name, None, dtype, dev).map_err(candle_core::Error::wrap)?;
+        if !name.ends_with("_scale_inv") && !name.ends_with("_scale") {
+            self.tick();
+        }
+        Ok(t)
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
-        self.0.contains(name)
+        self.ckpt.contains(name)
     }
 }

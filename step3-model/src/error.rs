@@ -53,6 +53,15 @@ pub enum Error {
         #[source]
         source: step3_vision::VisionError,
     },
+    #[error("{}: {msg}", path.display())]
+    Tokenizer { path: PathBuf, msg: String },
+    #[error("the tokenizer has no `{token}` token, and {why}")]
+    MissingSpecialToken { token: String, why: String },
+    #[error("chat template: {0}")]
+    Template(String),
+    /// A model could not be found or fetched (hub or local).
+    #[error("{0}")]
+    Hub(String),
     /// Invalid input from the caller (token ids, sampling settings, shapes).
     #[error("{0}")]
     Input(String),

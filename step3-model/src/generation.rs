@@ -1,5 +1,6 @@
 //! Token generation on top of [`Step3TextModel`]: sampling settings, the prefill + KV-cached
-//! decode loop, stop conditions and timing.
+//! decode loop as a resumable [`Generator`] (one token per call, so callers can stream), stop
+//! tokens, repetition penalty and timing.
 
 use std::time::{Duration, Instant};
 
@@ -7,7 +8,7 @@ use candle_core::{IndexOp, Tensor};
 use candle_transformers::generation::{LogitsProcessor, Sampling};
 use serde::Serialize;
 
-use crate::text::Step3TextModel;
+use crate::text::{Step3Cache, Step3TextModel};
 use crate::{Error, Result};
 
 /// How the next token is chosen and when generation stops.
@@ -23,8 +24,12 @@ pub struct SamplingParams {
     pub seed: u64,
     /// Upper bound on generated tokens.
     pub max_new_tokens: usize,
-    /// Generation stops after producing any of these (the token is kept in the output).
+    /// Generation stops after producing any of these (the token is returned, then nothing more).
     pub stop_token_ids: Vec<u32>,
+    /// Divides positive (multiplies negative) logits of tokens seen in the last
+    /// `repeat_last_n` tokens; 1.0 disables it.
+    pub repetition_penalty: f32,
+    pub repeat_last_n: usize,
 }
 
 impl Default for SamplingParams {
@@ -36,6 +41,8 @@ impl Default for SamplingParams {
             seed: 299792458,
             max_new_tokens: 256,
             stop_token_ids: Vec::new(),
+            repetition_penalty: 1.0,
+            repeat_last_n: 64,
         }
     }
 }
@@ -56,6 +63,12 @@ impl SamplingParams {
         }
         if self.max_new_tokens == 0 {
             return Err(Error::Input("max-new-tokens must be at least 1".into()));
+        }
+        if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
+            return Err(Error::Input(format!(
+                "repetition penalty must be a positive number, got {}",
+                self.repetition_penalty
+            )));
         }
         Ok(())
     }
@@ -82,10 +95,14 @@ impl SamplingParams {
 pub enum FinishReason {
     /// A stop token was produced.
     Stop(u32),
+    /// A stop string appeared in the text.
+    StopString,
     /// `max_new_tokens` were produced.
     Length,
     /// The model's context (`max_position_embedding`) is full.
     Context,
+    /// The caller stopped it.
+    Cancelled,
 }
 
 /// The generated tokens and how long it took.
@@ -111,6 +128,148 @@ impl GenerationOutput {
     }
 }
 
+/// A generation in progress: prefill on the first [`Generator::next_token`], then one decode step
+/// per call. Holds the KV cache.
+pub struct Generator<'m> {
+    model: &'m Step3TextModel,
+    cache: Step3Cache,
+    sampler: LogitsProcessor,
+    params: SamplingParams,
+    /// Prompt then generated tokens (repetition penalty).
+    history: Vec<u32>,
+    prompt_len: usize,
+    /// Prompt embeddings, consumed by the prefill.
+    embeds: Option<Tensor>,
+    capacity: usize,
+    finish: Option<FinishReason>,
+    prefill_time: Duration,
+    decode_time: Duration,
+}
+
+impl<'m> Generator<'m> {
+    /// Validates everything (settings, ids, context) before any compute. `embeds` (`[1, T, H]`)
+    /// carries merged image features; otherwise the token embeddings of `prompt` are used.
+    pub fn new(
+        model: &'m Step3TextModel,
+        prompt: &[u32],
+        embeds: Option<Tensor>,
+        params: &SamplingParams,
+    ) -> Result<Self> {
+        params.validate()?;
+        if prompt.is_empty() {
+            return Err(Error::Input("the prompt is empty".into()));
+        }
+        model.check_ids(prompt)?;
+        let context = model.config().max_position_embedding();
+        if prompt.len() >= context {
+            return Err(Error::Input(format!(
+                "the prompt has {} tokens, which leaves no room in the model's context of {context} tokens",
+                prompt.len()
+            )));
+        }
+        if let Some(e) = &embeds {
+            if e.dims() != [1, prompt.len(), model.config().hidden_size] {
+                return Err(Error::Input(format!(
+                    "prompt embeddings {:?} do not match {} prompt tokens",
+                    e.dims(),
+                    prompt.len()
+                )));
+            }
+        }
+        // The last generated token is never fed back, hence the -1.
+        let capacity = (prompt.len() + params.max_new_tokens - 1).min(context);
+        Ok(Self {
+            model,
+            cache: model.new_cache(1, capacity)?,
+            sampler: params.logits_processor(),
+            params: params.clone(),
+            history: prompt.to_vec(),
+            prompt_len: prompt.len(),
+            embeds,
+            capacity,
+            finish: None,
+            prefill_time: Duration::ZERO,
+            decode_time: Duration::ZERO,
+        })
+    }
+
+    /// Tokens generated so far.
+    pub fn generated(&self) -> &[u32] {
+        &self.history[self.prompt_len..]
+    }
+
+    pub fn finish_reason(&self) -> Option<FinishReason> {
+        self.finish
+    }
+
+    /// Ends the generation (e.g. a stop string was seen by the caller).
+    pub fn stop(&mut self, reason: FinishReason) {
+        self.finish.get_or_insert(reason);
+    }
+
+    fn sample(&mut self, logits: Tensor) -> Result<u32> {
+        let logits = if self.params.repetition_penalty != 1.0 {
+            let start = self.history.len().saturating_sub(self.params.repeat_last_n);
+            candle_transformers::utils::apply_repeat_penalty(
+                &logits,
+                self.params.repetition_penalty,
+                &self.history[start..],
+            )?
+        } else {
+            logits
+        };
+        Ok(self.sampler.sample(&logits)?)
+    }
+
+    /// The next token, or `None` once generation has finished.
+    pub fn next_token(&mut self) -> Result<Option<u32>> {
+        if self.finish.is_some() {
+            return Ok(None);
+        }
+        let start = Instant::now();
+        let device = self.model.device();
+        let logits = if self.generated().is_empty() {
+            let embeds = match self.embeds.take() {
+                Some(e) => e,
+                None => self.model.embed(&Tensor::new(&self.history[..], device)?.unsqueeze(0)?)?,
+            };
+            let hidden = self.model.forward_embeds(&embeds, &[self.prompt_len], &mut self.cache, None)?;
+            self.model.logits(&hidden.i((0, self.prompt_len - 1))?)?
+        } else {
+            let last = *self.history.last().unwrap_or(&0);
+            let hidden = self.model.forward(&Tensor::new(&[[last]], device)?, &[1], &mut self.cache, None)?;
+            self.model.logits(&hidden.i((0, 0))?)?
+        };
+        let next = self.sample(logits)?;
+        if self.generated().is_empty() {
+            self.prefill_time = start.elapsed();
+        } else {
+            self.decode_time += start.elapsed();
+        }
+        self.history.push(next);
+        let produced = self.generated().len();
+        if self.params.stop_token_ids.contains(&next) {
+            self.finish = Some(FinishReason::Stop(next));
+        } else if produced >= self.params.max_new_tokens {
+            self.finish = Some(FinishReason::Length);
+        } else if self.history.len() > self.capacity {
+            self.finish = Some(FinishReason::Context);
+        }
+        Ok(Some(next))
+    }
+
+    /// The result so far (call after the last token).
+    pub fn output(&self) -> GenerationOutput {
+        GenerationOutput {
+            tokens: self.generated().to_vec(),
+            finish: self.finish.unwrap_or(FinishReason::Cancelled),
+            prompt_tokens: self.prompt_len,
+            prefill_time: self.prefill_time,
+            decode_time: self.decode_time,
+        }
+    }
+}
+
 /// Generates from `prompt` with a KV cache: one prefill pass over the prompt, then one decode
 /// pass per new token. `on_token` sees every token as it is produced.
 pub fn generate(
@@ -131,62 +290,9 @@ pub fn generate_from_embeds(
     params: &SamplingParams,
     mut on_token: impl FnMut(u32),
 ) -> Result<GenerationOutput> {
-    params.validate()?;
-    if prompt.is_empty() {
-        return Err(Error::Input("the prompt is empty".into()));
+    let mut g = Generator::new(model, prompt, embeds, params)?;
+    while let Some(t) = g.next_token()? {
+        on_token(t);
     }
-    model.check_ids(prompt)?;
-    let context = model.config().max_position_embedding();
-    if prompt.len() >= context {
-        return Err(Error::Input(format!(
-            "the prompt has {} tokens, which leaves no room in the model's context of {context} tokens",
-            prompt.len()
-        )));
-    }
-    // The last generated token is never fed back, hence the -1.
-    let capacity = (prompt.len() + params.max_new_tokens - 1).min(context);
-    let mut cache = model.new_cache(1, capacity)?;
-    let mut sampler = params.logits_processor();
-    let device = model.device();
-
-    let start = Instant::now();
-    let embeds = match embeds {
-        Some(e) => {
-            if e.dims() != [1, prompt.len(), model.config().hidden_size] {
-                return Err(Error::Input(format!(
-                    "prompt embeddings {:?} do not match {} prompt tokens",
-                    e.dims(),
-                    prompt.len()
-                )));
-            }
-            e
-        }
-        None => model.embed(&Tensor::new(prompt, device)?.unsqueeze(0)?)?,
-    };
-    let hidden = model.forward_embeds(&embeds, &[prompt.len()], &mut cache, None)?;
-    let logits = model.logits(&hidden.i((0, prompt.len() - 1))?)?;
-    let mut next = sampler.sample(&logits)?;
-    let prefill_time = start.elapsed();
-
-    let start = Instant::now();
-    let mut tokens = vec![next];
-    on_token(next);
-    let finish = loop {
-        if params.stop_token_ids.contains(&next) {
-            break FinishReason::Stop(next);
-        }
-        if tokens.len() >= params.max_new_tokens {
-            break FinishReason::Length;
-        }
-        if prompt.len() + tokens.len() > capacity {
-            break FinishReason::Context;
-        }
-        let ids = Tensor::new(&[[next]], device)?;
-        let hidden = model.forward(&ids, &[1], &mut cache, None)?;
-        let logits = model.logits(&hidden.i((0, 0))?)?;
-        next = sampler.sample(&logits)?;
-        tokens.push(next);
-        on_token(next);
-    };
-    Ok(GenerationOutput { tokens, finish, prompt_tokens: prompt.len(), prefill_time, decode_time: start.elapsed() })
+    Ok(g.output())
 }

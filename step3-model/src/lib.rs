@@ -20,23 +20,29 @@
 //! # Ok(()) }
 //! ```
 
+pub mod chat;
 pub mod checkpoint;
 pub mod config;
 mod error;
 pub mod generation;
+pub mod hub;
 pub mod inventory;
 mod multimodal;
 pub mod params;
+pub mod stream;
 mod text;
+pub mod tokenizer;
 
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 
-pub use checkpoint::Checkpoint;
+pub use chat::{ChatTemplate, Message, Role};
+pub use checkpoint::{Checkpoint, LoadProgress};
 pub use config::{ModelType, QuantizationConfig, Step3Config, TextConfig, VisionSection};
 pub use error::{Error, Result};
-pub use generation::{generate, generate_from_embeds, FinishReason, GenerationOutput, SamplingParams};
+pub use generation::{generate, generate_from_embeds, FinishReason, GenerationOutput, Generator, SamplingParams};
+pub use hub::{HubOptions, ModelSource};
 pub use inventory::{ExpectedTensor, InventoryReport};
 pub use multimodal::{merge, Step3Model};
 pub use params::{kv_bytes_per_token, param_counts, ParamCounts};
@@ -46,7 +52,9 @@ pub use step3_vision as vision;
 pub use step3_vision::{
     ImageLayout, ImageTokenIds, PreprocessConfig, PreprocessedImage, VisionConfig, VisionModel, WindowRule,
 };
+pub use stream::{Detokenizer, OutputEvent, OutputParser, StopStrings, ToolCall};
 pub use text::{LayerRouting, Step3Cache, Step3TextModel};
+pub use tokenizer::Step3Tokenizer;
 
 /// How block-FP8 weights are held once loaded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -68,6 +76,8 @@ pub struct LoadOptions {
     pub fp8: Fp8Storage,
     /// Side of the local image crops (default: `preprocessor_config.json`, else 504).
     pub crop_size: Option<usize>,
+    /// Told `(tensors loaded, total)` while the weights load.
+    pub progress: Option<LoadProgress>,
 }
 
 impl LoadOptions {
@@ -86,7 +96,7 @@ impl LoadOptions {
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { dtype: DType::BF16, device: Device::Cpu, fp8: Fp8Storage::Compact, crop_size: None }
+        Self { dtype: DType::BF16, device: Device::Cpu, fp8: Fp8Storage::Compact, crop_size: None, progress: None }
     }
 }
 
@@ -284,8 +294,11 @@ impl Step3Checkpoint {
         }
         let vision_cfg = self.vision_config()?;
         let preprocess = self.preprocess_config(opts.crop_size)?;
-        self.check_all().into_result()?;
-        let vb = self.var_builder(opts.dtype, &opts.device);
+        let report = self.check_all();
+        let total = report.checked;
+        report.into_result()?;
+        let backend = checkpoint::CheckpointBackend::new(&self.weights, opts.progress.clone().map(|p| (p, total)));
+        let vb = candle_nn::VarBuilder::from_backend(Box::new(backend), opts.dtype, opts.device.clone());
         let text = Step3TextModel::new(&self.config.text, self.weight_format(opts.fp8), vb.clone())?;
         let vision = match &vision_cfg {
             Some(cfg) => Some(VisionModel::new(cfg, Some(preprocess.crop_size), vb)?),
@@ -326,8 +339,11 @@ impl Step3Checkpoint {
         if !matches!(opts.dtype, DType::F32 | DType::BF16 | DType::F16) {
             return Err(Error::UnsupportedDtype(opts.dtype));
         }
-        self.check().into_result()?;
-        let vb = self.var_builder(opts.dtype, &opts.device);
+        let report = self.check();
+        let total = report.checked;
+        report.into_result()?;
+        let backend = checkpoint::CheckpointBackend::new(&self.weights, opts.progress.clone().map(|p| (p, total)));
+        let vb = candle_nn::VarBuilder::from_backend(Box::new(backend), opts.dtype, opts.device.clone());
         Ok(Step3TextModel::new(&self.config.text, self.weight_format(opts.fp8), vb)?)
     }
 
@@ -344,7 +360,7 @@ impl Step3Checkpoint {
     /// building components by hand (no inventory check).
     pub fn var_builder(&self, dtype: DType, device: &Device) -> candle_nn::VarBuilder<'_> {
         candle_nn::VarBuilder::from_backend(
-            Box::new(checkpoint::CheckpointBackend(&self.weights)),
+            Box::new(checkpoint::CheckpointBackend::new(&self.weights, None)),
             dtype,
             device.clone(),
         )

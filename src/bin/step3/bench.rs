@@ -154,7 +154,10 @@ fn vit(a: VitArgs) -> Result<ExitCode> {
     cfg.num_hidden_layers = a.layers;
     let tower = step3::VisionModel::new(&cfg, Some(504), vb)?;
     println!("Step3 ViT on {} in {dtype:?}: {} of {full_layers} layers run, median of {}", a.device, a.layers, a.iters);
-    println!("{:<14} {:>7} {:>12} {:>12} {:>14} {:>10}", "view", "tokens", "layer ms", "convs ms", "63 layers s", "GFLOP/s");
+    println!(
+        "{:<14} {:>7} {:>12} {:>12} {:>14} {:>10}",
+        "view", "tokens", "layer ms", "convs ms", "63 layers s", "GFLOP/s"
+    );
     for (view, size) in [("global 728px", 728usize), ("crop 504px", 504)] {
         let px = Tensor::zeros((1, 3, size, size), DType::F32, &device)?;
         let base = time_us(a.iters, &device, || Ok(bare.forward(&px)?))?;
@@ -162,7 +165,8 @@ fn vit(a: VitArgs) -> Result<ExitCode> {
         let layer_us = (with - base).max(0.0) / a.layers.max(1) as f64;
         let t = (size / 14) * (size / 14) + 4;
         let (d, i) = (1792f64, 15360f64);
-        let flops = 2.0 * t as f64 * d * 3.0 * d + 4.0 * (t * t) as f64 * d + 2.0 * t as f64 * d * d + 4.0 * t as f64 * d * i;
+        let flops =
+            2.0 * t as f64 * d * 3.0 * d + 4.0 * (t * t) as f64 * d + 2.0 * t as f64 * d * d + 4.0 * t as f64 * d * i;
         println!(
             "{view:<14} {t:>7} {:>12.0} {:>12.0} {:>14.1} {:>10.1}",
             layer_us / 1e3,

@@ -35,14 +35,27 @@ enum Command {
     Cost(cost::CostArgs),
     /// Run the official image preprocessing: pixel tensors, crops, newline flags, token layout.
     Preprocess(preprocess::PreprocessArgs),
+    /// Write the demo checkpoint (Step3's architecture at toy size, random weights) into a directory.
+    Demo {
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 /// Where the model is and how to run it.
 #[derive(Args, Clone)]
 struct ModelArgs {
     /// Directory holding config.json and model.safetensors (or an index + shards).
+    #[arg(long, required_unless_present = "model", conflicts_with = "model")]
+    model_dir: Option<PathBuf>,
+    /// A Hugging Face repo id (`stepfun-ai/step3`, `owner/name@revision`) or a directory; repos are
+    /// downloaded into the standard cache (HF_HOME / HF_HUB_CACHE) unless offline.
     #[arg(long)]
-    model_dir: PathBuf,
+    model: Option<String>,
+    /// Use only the local Hugging Face cache (same as HF_HUB_OFFLINE=1).
+    #[arg(long)]
+    offline: bool,
     /// Compute dtype: f32, bf16 or f16.
     #[arg(long, default_value = "f32")]
     dtype: String,
@@ -62,10 +75,37 @@ struct ModelArgs {
     crop_size: Option<usize>,
 }
 
+/// A progress bar on stderr for weight loading (hidden when stderr is not a terminal).
+pub fn load_progress() -> step3::LoadProgress {
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("loading weights {bar:40} {pos}/{len} tensors")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    step3::LoadProgress(std::sync::Arc::new(move |done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+        if done == total {
+            bar.finish_and_clear();
+        }
+    }))
+}
+
 impl ModelArgs {
+    /// The model directory: `--model-dir`, or `--model` resolved through the hub cache.
+    fn dir(&self) -> Result<PathBuf> {
+        if let Some(dir) = &self.model_dir {
+            return Ok(dir.clone());
+        }
+        let source = step3::ModelSource::parse(self.model.as_deref().unwrap_or_default())?;
+        let mut hub = step3::HubOptions::from_env();
+        hub.offline |= self.offline;
+        Ok(step3::hub::resolve(&source, &hub)?)
+    }
+
     fn open(&self) -> Result<step3::Step3Checkpoint> {
-        step3::Step3Checkpoint::open(&self.model_dir)
-            .with_context(|| format!("opening the checkpoint in {}", self.model_dir.display()))
+        let dir = self.dir()?;
+        step3::Step3Checkpoint::open(&dir).with_context(|| format!("opening the checkpoint in {}", dir.display()))
     }
 
     fn load(&self, ckpt: &step3::Step3Checkpoint) -> Result<step3::Step3Model> {
@@ -79,8 +119,9 @@ impl ModelArgs {
             device: parse_device(&self.device)?,
             fp8,
             crop_size: self.crop_size,
+            progress: Some(load_progress()),
         };
-        ckpt.load(&opts).with_context(|| format!("loading {}", self.model_dir.display()))
+        ckpt.load(&opts).with_context(|| format!("loading {}", ckpt.dir().display()))
     }
 
     /// Prompt embeddings `[1, T, H]` with the images' features merged in.
@@ -151,6 +192,7 @@ fn main() -> ExitCode {
         Command::Bench(a) => bench::run(a),
         Command::Cost(a) => cost::run(a),
         Command::Preprocess(a) => preprocess::run(a),
+        Command::Demo { out } => step3::demo::write_demo(&out).map(|_| ExitCode::SUCCESS).map_err(Into::into),
     };
     match result {
         Ok(code) => code,
@@ -226,7 +268,7 @@ fn generate(a: GenerateArgs) -> Result<ExitCode> {
         top_p: a.top_p,
         seed: a.seed,
         max_new_tokens: a.max_new_tokens,
-        stop_token_ids: Vec::new(),
+        ..Default::default()
     };
     params.validate()?;
     let ckpt = a.model.open()?;
