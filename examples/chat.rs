@@ -178,7 +178,10 @@ fn run(args: Args) -> Result<()> {
             step3::demo::demo_dir().display()
         );
     }
-    let mut builder = Step3::from_pretrained(source.clone()).device(dev).dtype(dt).offline(args.offline);
+    let mut builder = Step3::from_pretrained(source.clone()).device(dev).dtype(dt);
+    if args.offline {
+        builder = builder.offline(true);
+    }
     builder = builder.progress(true, Some(step3::LoadProgress(std::sync::Arc::new(|_, _| {}))));
     if let Some(c) = args.crop_size {
         builder = builder.crop_size(c);

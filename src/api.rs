@@ -72,7 +72,8 @@ impl Step3Builder {
         self
     }
 
-    /// Never touch the network (also set by `HF_HUB_OFFLINE=1`).
+    /// Never touch the network. The default comes from `HF_HUB_OFFLINE`; `offline(false)` allows
+    /// downloads even when it is set.
     pub fn offline(mut self, offline: bool) -> Self {
         self.hub.offline = offline;
         self

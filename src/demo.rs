@@ -121,8 +121,14 @@ pub fn demo_special_ids() -> Vec<(&'static str, u32)> {
 /// A byte-level BPE `tokenizer.json` (the 256 bytes as ids 0–255) with Step3's special tokens at
 /// the given ids.
 pub fn tokenizer_json(specials: &[(&str, u32)]) -> serde_json::Value {
-    let vocab: serde_json::Map<String, serde_json::Value> =
-        byte_chars().into_iter().enumerate().map(|(i, c)| (c.to_string(), json!(i))).collect();
+    // Special tokens are in the model vocabulary too, as in real tokenizer.json files: the
+    // `tokenizers` crate numbers added tokens the vocabulary lacks by itself, ignoring their ids.
+    let vocab: serde_json::Map<String, serde_json::Value> = byte_chars()
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| (c.to_string(), json!(i)))
+        .chain(specials.iter().map(|(t, id)| (t.to_string(), json!(id))))
+        .collect();
     let added: Vec<serde_json::Value> = specials
         .iter()
         .map(|(t, id)| json!({"id": id, "content": t, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}))

@@ -17,3 +17,8 @@ pub use api::{Event, GenerateOptions, Response, Stats, Step3, Step3Builder, Stre
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;
+
+/// The embedding guide's examples are compiled as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../docs/embedding.md")]
+pub struct EmbeddingDoctests;

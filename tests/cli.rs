@@ -141,7 +141,9 @@ fn inspect_reports_the_real_step3_size() {
 fn inspect_checks_the_inventory() {
     let out = step3(&["inspect", "--model-dir", &dir("vl-f32")]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(stdout(&out).contains("inventory       OK: all 55 language-model tensors"), "{}", stdout(&out));
+    // 55 language-model tensors and the 33 of the vision tower and projector.
+    assert!(stdout(&out).contains("inventory       OK: all 88 expected tensors"), "{}", stdout(&out));
+    assert!(!stdout(&out).contains("other tensor"), "{}", stdout(&out));
 }
 
 #[test]

@@ -88,7 +88,7 @@ pub fn run(a: InspectArgs) -> Result<ExitCode> {
     let moe: Vec<usize> = (0..t.num_hidden_layers).filter(|&l| t.is_moe_layer(l)).collect();
     let dense: Vec<usize> = (0..t.num_hidden_layers).filter(|&l| !t.is_moe_layer(l)).collect();
     let p = param_counts(t);
-    let report = ckpt.as_ref().map(|c| c.check());
+    let report = ckpt.as_ref().map(|c| c.check_all());
     let dtype = crate::parse_dtype(&a.dtype)?;
     let fp8: Vec<String> =
         ckpt.as_ref().map(|c| c.fp8_tensors().into_iter().map(|t| t.name).collect()).unwrap_or_default();
@@ -194,7 +194,7 @@ pub fn run(a: InspectArgs) -> Result<ExitCode> {
             }
             if r.is_ok() {
                 println!(
-                    "inventory       OK: all {} language-model tensors present with the expected shapes and dtypes",
+                    "inventory       OK: all {} expected tensors present with the expected shapes and dtypes",
                     r.checked
                 );
             } else {
@@ -204,7 +204,7 @@ pub fn run(a: InspectArgs) -> Result<ExitCode> {
                 }
             }
             if !r.unexpected.is_empty() {
-                println!("                {} other tensor(s) not used by the language model", r.unexpected.len());
+                println!("                {} other tensor(s) this build does not use", r.unexpected.len());
             }
         }
     }
