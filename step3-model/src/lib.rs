@@ -46,6 +46,8 @@ pub use hub::{HubOptions, ModelSource};
 pub use inventory::{ExpectedTensor, InventoryReport};
 pub use multimodal::{merge, Step3Model};
 pub use params::{kv_bytes_per_token, param_counts, ParamCounts};
+pub use step3_mfa as mfa;
+pub use step3_moe as moe;
 pub use step3_moe::Routing;
 pub use step3_nn::{BlockFp8, Linear, Weight, WeightFormat};
 pub use step3_vision as vision;
@@ -53,6 +55,7 @@ pub use step3_vision::{
     ImageLayout, ImageTokenIds, PreprocessConfig, PreprocessedImage, VisionConfig, VisionModel, WindowRule,
 };
 pub use stream::{Detokenizer, OutputEvent, OutputParser, StopStrings, ToolCall};
+pub use text::{mfa_config, moe_config};
 pub use text::{LayerRouting, Step3Cache, Step3TextModel};
 pub use tokenizer::Step3Tokenizer;
 

@@ -76,7 +76,8 @@ impl DecoderLayer {
     }
 }
 
-pub(crate) fn mfa_config(cfg: &TextConfig, weight_format: WeightFormat) -> MfaConfig {
+/// The attention sizes of a text config.
+pub fn mfa_config(cfg: &TextConfig, weight_format: WeightFormat) -> MfaConfig {
     MfaConfig {
         hidden_size: cfg.hidden_size,
         share_q_dim: cfg.share_q_dim,
@@ -87,7 +88,8 @@ pub(crate) fn mfa_config(cfg: &TextConfig, weight_format: WeightFormat) -> MfaCo
     }
 }
 
-pub(crate) fn moe_config(cfg: &TextConfig, weight_format: WeightFormat) -> MoeConfig {
+/// The MoE sizes of a text config.
+pub fn moe_config(cfg: &TextConfig, weight_format: WeightFormat) -> MoeConfig {
     MoeConfig {
         weight_format,
         hidden_size: cfg.hidden_size,

@@ -1,4 +1,4 @@
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 use candle_nn::VarBuilder;
 use step3_nn::Weight;
 
@@ -40,11 +40,46 @@ impl StackedExperts {
 
     /// `xs: [N, H]` → `Σ_j weights[n, j] · Expert_{ids[n, j]}(xs[n])`, `[N, H]`.
     ///
+    /// On CUDA with dense bf16/f16 experts this is [`Self::forward_fused`] (no host round-trip);
+    /// otherwise [`Self::forward_grouped`].
+    pub fn forward(&self, xs: &Tensor, routing: &Routing) -> Result<Tensor> {
+        let dense_half = matches!((&self.gate_proj, xs.dtype()), (Weight::Dense(_), DType::BF16 | DType::F16));
+        if xs.device().is_cuda() && dense_half {
+            self.forward_fused(xs, routing)
+        } else {
+            self.forward_grouped(xs, routing)
+        }
+    }
+
+    /// The device-side path: the routing ids are sorted on the device and candle's `moe_gemm`
+    /// kernels run every expert's rows straight from the stacked weights, the down projection
+    /// scaling by the routing weights; the `k` outputs of a token are then summed.
+    pub fn forward_fused(&self, xs: &Tensor, routing: &Routing) -> Result<Tensor> {
+        let (n, h) = xs.dims2()?;
+        let k = routing.ids.dim(1)?;
+        let (Weight::Dense(gate_w), Weight::Dense(up_w), Weight::Dense(down_w)) =
+            (&self.gate_proj, &self.up_proj, &self.down_proj)
+        else {
+            candle_core::bail!("the fused MoE path needs dense expert weights")
+        };
+        let (expert_ids, sorted_token_ids) = routing.ids.flatten_all()?.sort_last_dim(true)?;
+        let prefill = n > 1;
+        let gate = candle_nn::moe::moe_gemm(xs, gate_w, &None, &sorted_token_ids, &expert_ids, k, prefill)?;
+        let up = candle_nn::moe::moe_gemm(xs, up_w, &None, &sorted_token_ids, &expert_ids, k, prefill)?;
+        let i = gate.dim(candle_core::D::Minus1)?;
+        let hidden = (candle_nn::ops::silu(&gate)? * up)?.reshape(((), i))?;
+        let weights = Some(routing.weights.to_dtype(DType::F32)?.contiguous()?);
+        let ys = candle_nn::moe::moe_gemm(&hidden, down_w, &weights, &sorted_token_ids, &expert_ids, k, prefill)?;
+        ys.reshape((n, k, h))?.sum(1)
+    }
+
+    /// The grouped path.
+    ///
     /// Tokens are grouped per expert (the routing ids are read on the host to build the
     /// groups), each active expert runs its three matmuls once on its group, the weighted outputs
     /// are concatenated in expert order and scattered back with a single `index_add` (so each
     /// token accumulates its experts in ascending expert order, as the reference does).
-    pub fn forward(&self, xs: &Tensor, routing: &Routing) -> Result<Tensor> {
+    pub fn forward_grouped(&self, xs: &Tensor, routing: &Routing) -> Result<Tensor> {
         let (n, h) = xs.dims2()?;
         let k = routing.ids.dim(1)?;
         let ids = routing.ids.flatten_all()?.to_vec1::<u32>()?;

@@ -1,6 +1,7 @@
 //! `step3 bench`: micro-benchmarks with synthetic weights at Step3's real dimensions, each line
 //! printing a ratio against a baseline measured in the same process.
 
+use std::collections::HashMap;
 use std::process::ExitCode;
 use std::time::Instant;
 
@@ -24,6 +25,60 @@ enum BenchKind {
     /// The vision tower at Step3's dimensions (1792 wide, 16 heads, MLP 15360), a few layers timed
     /// and extrapolated to 63, for a 728-px global view and a 504-px crop.
     Vit(VitArgs),
+    /// One MFA attention layer (projections included), one decode step, batch × context.
+    Attention(AttentionArgs),
+    /// One MoE layer (router, 3 routed experts, shared expert), bf16 and block-FP8 weights.
+    Moe(MoeArgs),
+    /// A decode step of a truncated Step3 (2 dense + 2 MoE layers) end to end.
+    Decode(DecodeArgs),
+    /// The device's ceilings, then attention, MoE and decode with their defaults.
+    All(Common),
+}
+
+/// What every layer benchmark shares.
+#[derive(Args, Clone)]
+pub struct Common {
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    #[arg(long, default_value = "bf16")]
+    dtype: String,
+    /// Timed repetitions (median reported).
+    #[arg(long, default_value_t = 5)]
+    iters: usize,
+    /// Divide Step3's widths by this (hidden, query rank, heads, MLP and expert widths; 1 = real).
+    #[arg(long, default_value_t = 1)]
+    scale: usize,
+    /// A python with PyTorch: runs bench/torch_baseline.py on the same shapes, as the peer.
+    #[arg(long)]
+    torch: Option<String>,
+}
+
+#[derive(Args)]
+struct AttentionArgs {
+    #[command(flatten)]
+    common: Common,
+    #[arg(long, default_value = "1,16,64")]
+    batches: String,
+    #[arg(long, default_value = "4096,8192,32768")]
+    contexts: String,
+}
+
+#[derive(Args)]
+struct MoeArgs {
+    #[command(flatten)]
+    common: Common,
+    #[arg(long, default_value = "1,64,256,2048")]
+    tokens: String,
+}
+
+#[derive(Args)]
+struct DecodeArgs {
+    #[command(flatten)]
+    common: Common,
+    #[arg(long, default_value_t = 16)]
+    batch: usize,
+    #[arg(long, default_value_t = 4096)]
+    context: usize,
 }
 
 #[derive(Args)]
@@ -58,6 +113,24 @@ pub fn run(a: BenchArgs) -> Result<ExitCode> {
     match a.what {
         BenchKind::Fp8(a) => fp8(a),
         BenchKind::Vit(a) => vit(a),
+        BenchKind::Attention(a) => {
+            let c = Ctx::new(&a.common)?;
+            attention(&c, &list(&a.batches)?, &list(&a.contexts)?)
+        }
+        BenchKind::Moe(a) => {
+            let c = Ctx::new(&a.common)?;
+            moe(&c, &list(&a.tokens)?)
+        }
+        BenchKind::Decode(a) => {
+            let c = Ctx::new(&a.common)?;
+            decode(&c, a.batch, a.context)
+        }
+        BenchKind::All(common) => {
+            let c = Ctx::new(&common)?;
+            attention(&c, &[1, 16, 64], &[4096, 8192, 32768])?;
+            moe(&c, &[1, 64, 256, 2048])?;
+            decode(&c, 16, 4096)
+        }
     }
 }
 
@@ -175,5 +248,220 @@ fn vit(a: VitArgs) -> Result<ExitCode> {
             flops / (layer_us * 1e3)
         );
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn list(s: &str) -> Result<Vec<usize>> {
+    s.split(',').map(|v| v.trim().parse::<usize>().map_err(|_| anyhow::anyhow!("`{v}` is not a number"))).collect()
+}
+
+/// The device, the dtype and the device's measured ceilings, shared by the layer benchmarks.
+struct Ctx {
+    common: Common,
+    device: Device,
+    dtype: DType,
+    /// Memory bandwidth measured with a large copy, bytes/s.
+    copy_bps: f64,
+    /// Dense matmul rate in `dtype`, FLOP/s.
+    matmul_flops: f64,
+}
+
+impl Ctx {
+    fn new(common: &Common) -> Result<Self> {
+        let device = crate::parse_device(&common.device)?;
+        let dtype = crate::parse_dtype(&common.dtype)?;
+        let (n, m) = if device.is_cuda() { (512usize << 20, 8192usize) } else { (64usize << 20, 1536usize) };
+        let x = Tensor::zeros(n / dtype.size_in_bytes(), dtype, &device)?;
+        let t = time_us(common.iters, &device, || Ok(x.copy()?))?;
+        let copy_bps = 2.0 * n as f64 / (t * 1e-6);
+        drop(x);
+        let a = Tensor::randn(0f32, 1.0, (m, m), &device)?.to_dtype(dtype)?;
+        let t = time_us(common.iters, &device, || Ok(a.matmul(&a)?))?;
+        let matmul_flops = 2.0 * (m as f64).powi(3) / (t * 1e-6);
+        println!(
+            "device {} ({dtype:?}): copy {:.0} GB/s, {m}x{m} matmul {:.1} TFLOP/s (the roofline ceilings below)",
+            common.device,
+            copy_bps / 1e9,
+            matmul_flops / 1e12
+        );
+        Ok(Self { common: common.clone(), device, dtype, copy_bps, matmul_flops })
+    }
+
+    fn roofline_us(&self, bytes: f64, flops: f64) -> f64 {
+        (bytes / self.copy_bps).max(flops / self.matmul_flops) * 1e6
+    }
+
+    /// Runs the PyTorch eager peer on the same shapes: case name -> µs.
+    fn torch(&self, which: &str, cfg: serde_json::Value) -> HashMap<String, f64> {
+        let Some(py) = &self.common.torch else { return HashMap::new() };
+        let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/torch_baseline.py");
+        let script = if script.is_file() { script } else { std::path::PathBuf::from("bench/torch_baseline.py") };
+        let out = std::process::Command::new(py).arg(&script).arg(which).arg("--json").arg(cfg.to_string()).output();
+        match out {
+            Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .filter_map(|v| Some((v.get("case")?.as_str()?.to_string(), v.get("us")?.as_f64()?)))
+                .collect(),
+            Ok(o) => {
+                eprintln!("torch baseline failed: {}", String::from_utf8_lossy(&o.stderr));
+                HashMap::new()
+            }
+            Err(e) => {
+                eprintln!("torch baseline: cannot run {py}: {e}");
+                HashMap::new()
+            }
+        }
+    }
+
+    fn vb(&self, cfg: &step3::TextConfig, fp8: bool) -> candle_nn::VarBuilder<'static> {
+        candle_nn::VarBuilder::from_backend(
+            Box::new(crate::synthetic::Synthetic::new(cfg, fp8)),
+            self.dtype,
+            self.device.clone(),
+        )
+    }
+}
+
+fn fmt_opt(v: Option<f64>) -> String {
+    v.map_or("-".into(), |v| format!("{v:.0}"))
+}
+
+fn attention(c: &Ctx, batches: &[usize], contexts: &[usize]) -> Result<ExitCode> {
+    use step3::mfa::{KvCache, MfaAttention, RotaryEmbedding, SequenceTable};
+    let cfg = crate::synthetic::config(c.common.scale, 1, &[])?;
+    let attn = MfaAttention::new(
+        &step3::mfa_config(&cfg, step3::WeightFormat::Dense),
+        c.vb(&cfg, false).pp("model.layers.0.self_attn"),
+    )?;
+    let rope = RotaryEmbedding::new(cfg.rope_theta, cfg.head_dim, &c.device)?;
+    let (h, q, nh, d) = (cfg.hidden_size, cfg.share_q_dim, cfg.num_attention_heads, cfg.head_dim);
+    let params = (h * q + 2 * h * d + q * nh * d + nh * d * h) as f64;
+    let wb = c.dtype.size_in_bytes() as f64;
+    let torch = c.torch("attention", serde_json::json!({"hidden": h, "share_q": q, "heads": nh, "batches": batches, "contexts": contexts, "iters": c.common.iters, "dtype": c.common.dtype}));
+    println!("\nMFA attention layer, one decode step (hidden {h}, q {q}, {nh} heads x {d}, 1 K/V head)");
+    println!(
+        "{:>5} {:>7} {:>10} {:>8} {:>9} {:>12} {:>7} {:>10} {:>9} {:>14}",
+        "batch",
+        "context",
+        "us/layer",
+        "GB/s",
+        "TFLOP/s",
+        "roofline us",
+        "ratio",
+        "torch us",
+        "vs torch",
+        "paper H800 us"
+    );
+    for &b in batches {
+        for &ctx in contexts {
+            let mut cache = KvCache::new(ctx + 1);
+            let kv = Tensor::randn(0f32, 1.0, (b, ctx, d), &c.device)?.to_dtype(c.dtype)?;
+            cache.append(&kv, &kv)?;
+            let mut table = SequenceTable::new(b, ctx + 1, 65536)?;
+            table.advance(&vec![ctx; b], ctx);
+            let step = table.step(&vec![1; b], 1, &rope, c.dtype, &c.device)?;
+            let x = Tensor::randn(0f32, 1.0, (b, 1, h), &c.device)?.to_dtype(c.dtype)?;
+            let us = time_us(c.common.iters, &c.device, || {
+                let y = attn.forward(&x, &rope, &step, &mut cache)?;
+                cache.truncate(ctx);
+                Ok(y)
+            })?;
+            let bytes = params * wb + (b * ctx * 2 * d) as f64 * wb;
+            let flops = 2.0 * b as f64 * params + 4.0 * (b * nh * ctx * d) as f64;
+            let roof = c.roofline_us(bytes, flops);
+            let t = torch.get(&format!("b{b}_c{ctx}")).copied();
+            let paper = match (b, ctx, c.common.scale) {
+                (64, 8192, 1) => Some(281.0),
+                (64, 32768, 1) => Some(791.0),
+                _ => None,
+            };
+            println!(
+                "{b:>5} {ctx:>7} {us:>10.0} {:>8.0} {:>9.2} {roof:>12.0} {:>6.2}x {:>10} {:>9} {:>14}",
+                bytes / us / 1e3,
+                flops / us / 1e6,
+                us / roof,
+                fmt_opt(t),
+                t.map_or("-".into(), |t| format!("{:.2}x", us / t)),
+                fmt_opt(paper)
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn moe(c: &Ctx, tokens: &[usize]) -> Result<ExitCode> {
+    use step3::moe::MoeBlock;
+    let cfg = crate::synthetic::config(c.common.scale, 2, &[1])?;
+    let (h, i, e, k) = (cfg.hidden_size, cfg.moe_intermediate_size, cfg.moe_num_experts, cfg.moe_top_k);
+    let torch = c.torch("moe", serde_json::json!({"hidden": h, "inter": i, "tokens": tokens, "iters": c.common.iters, "dtype": c.common.dtype}));
+    println!(
+        "\nMoE layer (hidden {h}, {e} experts x {i}, top-{k}, + shared {i}): router, routed experts, shared expert"
+    );
+    println!(
+        "{:>7} {:>6} {:>8} {:>10} {:>8} {:>9} {:>12} {:>7} {:>10} {:>9}",
+        "weights", "tokens", "experts", "us/layer", "GB/s", "TFLOP/s", "roofline us", "ratio", "torch us", "vs torch"
+    );
+    for fp8 in [false, true] {
+        let format = if fp8 {
+            step3::WeightFormat::BlockFp8 { block: [128, 128], dequantize_at_load: false }
+        } else {
+            step3::WeightFormat::Dense
+        };
+        let block = MoeBlock::new(&step3::moe_config(&cfg, format), c.vb(&cfg, fp8).pp("model.layers.1"))?;
+        for &t in tokens {
+            let x = Tensor::randn(0f32, 1.0, (t, h), &c.device)?.to_dtype(c.dtype)?;
+            let (_, routing) = block.forward(&x)?;
+            let mut ids: Vec<u32> = routing.ids.flatten_all()?.to_vec1()?;
+            ids.sort_unstable();
+            ids.dedup();
+            let us = time_us(c.common.iters, &c.device, || Ok(block.forward(&x)?.0))?;
+            let per = if fp8 { 1.0 + 4.0 / (128.0 * 128.0) } else { c.dtype.size_in_bytes() as f64 };
+            let expert = 3.0 * (h * i) as f64;
+            let bytes = (ids.len() as f64 + 1.0) * expert * per + (e * h * 2) as f64;
+            let flops = 2.0 * t as f64 * ((k + 1) as f64 * expert + (e * h) as f64);
+            let roof = c.roofline_us(bytes, flops);
+            let tt = if fp8 { None } else { torch.get(&format!("t{t}")).copied() };
+            println!(
+                "{:>7} {t:>6} {:>8} {us:>10.0} {:>8.0} {:>9.2} {roof:>12.0} {:>6.2}x {:>10} {:>9}",
+                if fp8 { "fp8".to_string() } else { format!("{:?}", c.dtype).to_lowercase() },
+                ids.len(),
+                bytes / us / 1e3,
+                flops / us / 1e6,
+                us / roof,
+                fmt_opt(tt),
+                tt.map_or("-".into(), |tt| format!("{:.2}x", us / tt))
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn decode(c: &Ctx, batch: usize, context: usize) -> Result<ExitCode> {
+    let cfg = crate::synthetic::config(c.common.scale, 4, &[2, 3])?;
+    let model = step3::Step3TextModel::new(&cfg, step3::WeightFormat::Dense, c.vb(&cfg, false))?;
+    let mut cache = model.new_cache(batch, context + 1)?;
+    let prompt = Tensor::zeros((batch, context), DType::U32, &c.device)?;
+    model.forward(&prompt, &vec![context; batch], &mut cache, None)?;
+    let ids = Tensor::zeros((batch, 1), DType::U32, &c.device)?;
+    let start = std::time::Instant::now();
+    let mut times = Vec::new();
+    for _ in 0..c.common.iters.max(1) {
+        let mut step = cache.clone();
+        let t = Instant::now();
+        let h = model.forward(&ids, &vec![1; batch], &mut step, None)?;
+        let _ = model.logits(&h)?;
+        c.device.synchronize()?;
+        times.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    times.sort_by(f64::total_cmp);
+    let us = times[times.len() / 2];
+    println!("\nDecode step, truncated Step3 (layers 0-1 dense, 2-3 MoE, lm_head), batch {batch}, context {context}");
+    println!(
+        "{us:.0} us per step ({:.0} us per layer incl. lm_head share), {:.0} tokens/s for the batch ({:.1} s measuring)",
+        us / 4.0,
+        batch as f64 / (us * 1e-6),
+        start.elapsed().as_secs_f64()
+    );
     Ok(ExitCode::SUCCESS)
 }

@@ -11,6 +11,7 @@ mod bench;
 mod cost;
 mod inspect;
 mod preprocess;
+mod synthetic;
 
 #[derive(Parser)]
 #[command(name = "step3", version, about = "Pure-Rust inference for StepFun's Step3 (candle)")]
@@ -183,6 +184,7 @@ struct VerifyArgs {
 }
 
 fn main() -> ExitCode {
+    step3::init_cpu_threads();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Logits(a) => logits(a),

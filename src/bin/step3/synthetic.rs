@@ -1,0 +1,90 @@
+//! Synthetic weights for benchmarks: every tensor of a Step3 text config, zeros (the arithmetic
+//! costs the same) except the routers, which are random so that tokens spread over experts as
+//! they do in a real model. Dense or block-FP8 (1-byte values and f32 block scales).
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Result, Shape, Tensor};
+use step3::inventory::{scale_shape, text_tensors};
+use step3::TextConfig;
+
+pub struct Synthetic {
+    shapes: HashMap<String, Vec<usize>>,
+    quantizable: HashMap<String, bool>,
+    fp8: bool,
+}
+
+impl Synthetic {
+    pub fn new(cfg: &TextConfig, fp8: bool) -> Self {
+        let all = text_tensors(cfg);
+        Self {
+            shapes: all.iter().map(|t| (t.name.clone(), t.shape.clone())).collect(),
+            quantizable: all.iter().map(|t| (t.name.clone(), t.quantizable)).collect(),
+            fp8,
+        }
+    }
+
+    fn make(&self, name: &str, shape: &[usize], dtype: DType, dev: &Device) -> Result<Tensor> {
+        if name.ends_with("moe.gate.weight") {
+            let h = *shape.last().unwrap_or(&1) as f64;
+            return Tensor::randn(0f32, (1.0 / h.sqrt()) as f32, shape, dev)?.to_dtype(dtype);
+        }
+        if name.ends_with("_scale_inv") {
+            return Tensor::ones(shape, DType::F32, dev);
+        }
+        if dtype == DType::F8E4M3 {
+            let n: usize = shape.iter().product();
+            return Tensor::from_raw_buffer(&vec![0u8; n], DType::F8E4M3, shape, dev);
+        }
+        Tensor::zeros(shape, dtype, dev)
+    }
+}
+
+impl candle_nn::var_builder::SimpleBackend for Synthetic {
+    fn get(&self, s: Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> Result<Tensor> {
+        self.make(name, s.dims(), dtype, dev)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> Result<Tensor> {
+        let shape = match name.strip_suffix("_scale_inv") {
+            Some(weight) => self.shapes.get(weight).map(|s| scale_shape(s, [128, 128])),
+            None => self.shapes.get(name).cloned(),
+        };
+        let shape =
+            shape.ok_or_else(|| candle_core::Error::Msg(format!("synthetic weights: unknown tensor {name}")))?;
+        self.make(name, &shape, dtype, dev)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        match name.strip_suffix("_scale_inv") {
+            Some(weight) => self.fp8 && self.quantizable.get(weight).copied().unwrap_or(false),
+            None => self.shapes.contains_key(name),
+        }
+    }
+}
+
+/// A Step3 text config at real dimensions, divided by `scale` (hidden, query rank, heads, MLP and
+/// expert widths; head_dim, experts and top-k stay), with `layers` layers of which `moe` are MoE.
+pub fn config(scale: usize, layers: usize, moe: &[usize]) -> anyhow::Result<TextConfig> {
+    let s = scale.max(1);
+    let text = serde_json::json!({
+        "model_type": "step3_text",
+        "hidden_size": 7168 / s,
+        "intermediate_size": 18432 / s,
+        "num_hidden_layers": layers,
+        "num_attention_heads": (64 / s).max(1),
+        "num_attention_groups": 1,
+        "head_dim": 256,
+        "share_q_dim": 2048 / s,
+        "vocab_size": 128815 / s,
+        "moe_num_experts": 48,
+        "moe_top_k": 3,
+        "moe_intermediate_size": 5120 / s,
+        "share_expert_dim": 5120 / s,
+        "norm_expert_weight": false,
+        "moe_layers_enum": moe.iter().map(|l| l.to_string()).collect::<Vec<_>>().join(","),
+        "rope_theta": 500000.0,
+        "max_position_embedding": 65536,
+    });
+    Ok(step3::Step3Config::from_json_str(&text.to_string(), format!("--scale {s}"))?.text)
+}
