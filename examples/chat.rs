@@ -65,28 +65,12 @@ struct Args {
     crop_size: Option<usize>,
 }
 
-fn device(s: &str) -> Result<Device> {
-    match s {
-        "cpu" => Ok(Device::Cpu),
-        "cuda" | "gpu" => Ok(Device::new_cuda(0).context("opening CUDA device 0 (build with --features cuda)")?),
-        other => {
-            match other.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
-                Some(n) => Ok(Device::new_cuda(n)
-                    .with_context(|| format!("opening CUDA device {n} (build with --features cuda)"))?),
-                None => bail!("unknown device `{other}`: use cpu, cuda or cuda:N"),
-            }
-        }
-    }
-}
-
+/// The dtype: as given, else f32 on the CPU (candle's fastest CPU dtype) and bf16 on CUDA.
 fn dtype(s: Option<&str>, device: &Device) -> Result<DType> {
     Ok(match s {
+        Some(s) => step3::parse_dtype(s)?,
         None if device.is_cpu() => DType::F32,
         None => DType::BF16,
-        Some("f32") => DType::F32,
-        Some("bf16") => DType::BF16,
-        Some("f16") => DType::F16,
-        Some(other) => bail!("unknown dtype `{other}`: use f32, bf16 or f16"),
     })
 }
 
@@ -142,7 +126,7 @@ impl Printer {
 }
 
 fn run(args: Args) -> Result<()> {
-    let dev = device(&args.device)?;
+    let dev = step3::parse_device(&args.device)?;
     let dt = dtype(args.dtype.as_deref(), &dev)?;
     let demo = args.model.is_none();
     let source = args.model.clone().unwrap_or_else(|| step3::demo::demo_dir().to_string_lossy().into_owned());

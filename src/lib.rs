@@ -13,6 +13,36 @@ pub mod verify;
 
 pub use api::{Event, GenerateOptions, Response, Stats, Step3, Step3Builder, Stream};
 
+/// A compute dtype from its name: `f32`, `bf16` or `f16` (long forms accepted).
+pub fn parse_dtype(s: &str) -> Result<DType> {
+    match s.to_ascii_lowercase().as_str() {
+        "f32" | "float32" => Ok(DType::F32),
+        "bf16" | "bfloat16" => Ok(DType::BF16),
+        "f16" | "float16" => Ok(DType::F16),
+        other => Err(Error::Input(format!("unknown dtype `{other}`: use f32, bf16 or f16"))),
+    }
+}
+
+/// A device from its name: `cpu`, `cuda` (or `gpu`, device 0) or `cuda:N`, with a clear error when
+/// the build has no CUDA support or the device cannot be opened.
+pub fn parse_device(s: &str) -> Result<Device> {
+    let s = s.to_ascii_lowercase();
+    let ordinal = match s.as_str() {
+        "cpu" => return Ok(Device::Cpu),
+        "cuda" | "gpu" => 0,
+        other => match other.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()) {
+            Some(n) => n,
+            None => return Err(Error::Input(format!("unknown device `{other}`: use cpu, cuda or cuda:N"))),
+        },
+    };
+    if !candle_core::utils::cuda_is_available() {
+        return Err(Error::Input(format!(
+            "device `{s}` requested, but this binary was built without CUDA support (rebuild with `--features cuda`)"
+        )));
+    }
+    Device::new_cuda(ordinal).map_err(|e| Error::Input(format!("cannot open CUDA device {ordinal}: {e}")))
+}
+
 /// The README's examples are compiled as doctests.
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]

@@ -169,8 +169,8 @@ fn random_fp8(rows: usize, cols: usize, dtype: DType, device: &Device) -> Result
 }
 
 fn fp8(a: Fp8Args) -> Result<ExitCode> {
-    let dtype = crate::parse_dtype(&a.dtype)?;
-    let device = crate::parse_device(&a.device)?;
+    let dtype = step3::parse_dtype(&a.dtype)?;
+    let device = step3::parse_device(&a.device)?;
     let tokens: Vec<usize> = a.tokens.split(',').map(|t| t.trim().parse()).collect::<Result<_, _>>()?;
     let shapes = [
         ("q_proj", 2048, 7168),
@@ -204,8 +204,8 @@ fn fp8(a: Fp8Args) -> Result<ExitCode> {
 }
 
 fn vit(a: VitArgs) -> Result<ExitCode> {
-    let dtype = crate::parse_dtype(&a.dtype)?;
-    let device = crate::parse_device(&a.device)?;
+    let dtype = step3::parse_dtype(&a.dtype)?;
+    let device = step3::parse_device(&a.device)?;
     let full_layers = 63;
     let mut cfg = step3::VisionConfig {
         hidden_size: 1792,
@@ -268,8 +268,8 @@ struct Ctx {
 
 impl Ctx {
     fn new(common: &Common) -> Result<Self> {
-        let device = crate::parse_device(&common.device)?;
-        let dtype = crate::parse_dtype(&common.dtype)?;
+        let device = step3::parse_device(&common.device)?;
+        let dtype = step3::parse_dtype(&common.dtype)?;
         let (n, m) = if device.is_cuda() { (512usize << 20, 8192usize) } else { (64usize << 20, 1536usize) };
         let x = Tensor::zeros(n / dtype.size_in_bytes(), dtype, &device)?;
         let t = time_us(common.iters, &device, || Ok(x.copy()?))?;

@@ -89,7 +89,7 @@ pub fn run(a: InspectArgs) -> Result<ExitCode> {
     let dense: Vec<usize> = (0..t.num_hidden_layers).filter(|&l| !t.is_moe_layer(l)).collect();
     let p = param_counts(t);
     let report = ckpt.as_ref().map(|c| c.check_all());
-    let dtype = crate::parse_dtype(&a.dtype)?;
+    let dtype = step3::parse_dtype(&a.dtype)?;
     let fp8: Vec<String> =
         ckpt.as_ref().map(|c| c.fp8_tensors().into_iter().map(|t| t.name).collect()).unwrap_or_default();
     let resident = ckpt

@@ -116,8 +116,8 @@ impl ModelArgs {
             other => bail!("--fp8 must be `compact` or `dequantized`, not `{other}`"),
         };
         let opts = step3::LoadOptions {
-            dtype: parse_dtype(&self.dtype)?,
-            device: parse_device(&self.device)?,
+            dtype: step3::parse_dtype(&self.dtype)?,
+            device: step3::parse_device(&self.device)?,
             fp8,
             crop_size: self.crop_size,
             progress: Some(load_progress()),
@@ -205,33 +205,6 @@ fn main() -> ExitCode {
     }
 }
 
-fn parse_dtype(s: &str) -> Result<DType> {
-    match s.to_ascii_lowercase().as_str() {
-        "f32" | "float32" => Ok(DType::F32),
-        "bf16" | "bfloat16" => Ok(DType::BF16),
-        "f16" | "float16" => Ok(DType::F16),
-        other => bail!("unknown dtype `{other}`: use f32, bf16 or f16"),
-    }
-}
-
-fn parse_device(s: &str) -> Result<Device> {
-    let s = s.to_ascii_lowercase();
-    let ordinal = match s.as_str() {
-        "cpu" => return Ok(Device::Cpu),
-        "cuda" | "gpu" => 0,
-        other => match other.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()) {
-            Some(n) => n,
-            None => bail!("unknown device `{other}`: use cpu, cuda or cuda:N"),
-        },
-    };
-    if !candle_core::utils::cuda_is_available() {
-        bail!(
-            "device `{s}` requested, but this binary was built without CUDA support (rebuild with `--features cuda`)"
-        );
-    }
-    Device::new_cuda(ordinal).with_context(|| format!("opening CUDA device {ordinal}"))
-}
-
 fn parse_ids(s: &str) -> Result<Vec<u32>> {
     let ids = s
         .split(',')
@@ -296,8 +269,8 @@ fn generate(a: GenerateArgs) -> Result<ExitCode> {
 }
 
 fn verify(a: VerifyArgs) -> Result<ExitCode> {
-    let dtype = parse_dtype(&a.dtype)?;
-    let device = parse_device(&a.device)?;
+    let dtype = step3::parse_dtype(&a.dtype)?;
+    let device = step3::parse_device(&a.device)?;
     let checks = step3::verify::verify_fixtures(&a.fixtures, dtype, &device)?;
     for c in &checks {
         println!("{c}");
