@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use step3::{DType, Device};
+use step3::DType;
 
 mod bench;
 mod cost;
