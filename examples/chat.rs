@@ -181,6 +181,9 @@ fn run(args: Args) -> Result<()> {
             let mut msg = Message::user(text);
             msg.images = images;
             history.push(msg);
+            // A different (reproducible) seed for every turn of the conversation.
+            let turn = history.iter().filter(|m| m.role == step3::Role::User).count() as u64;
+            let opts = GenerateOptions { seed: opts.seed.wrapping_add(turn.saturating_sub(1)), ..opts.clone() };
             let reply = model.generate_with(history, &opts, |e| {
                 printer.event(e);
                 ControlFlow::Continue(())
