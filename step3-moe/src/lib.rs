@@ -86,3 +86,174 @@ impl MoeBlock {
         Ok(((routed + shared)?, routing))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The block against a naive per-token reference written out in f64: softmax over every
+    //! expert, a stable descending sort, the first `k` probabilities as weights, each chosen
+    //! expert's SwiGLU evaluated on its own, plus the shared expert.
+    use std::collections::HashMap;
+
+    use candle_core::{DType, Device, Tensor};
+
+    use super::*;
+
+    fn det(n: usize, seed: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|i| ((((i + seed) * 2654435761) % 1000) as f32 / 1000.0 - 0.5) * scale).collect()
+    }
+
+    struct Case {
+        cfg: MoeConfig,
+        tensors: HashMap<String, Tensor>,
+        host: HashMap<String, Vec<f32>>,
+    }
+
+    fn case(e: usize, k: usize, h: usize, i: usize, s: usize, renorm: bool) -> candle_core::Result<Case> {
+        let cfg = MoeConfig {
+            hidden_size: h,
+            num_experts: e,
+            top_k: k,
+            moe_intermediate_size: i,
+            share_expert_dim: s,
+            norm_expert_weight: renorm,
+            weight_format: WeightFormat::Dense,
+        };
+        let shapes: [(&str, Vec<usize>); 7] = [
+            ("moe.gate.weight", vec![e, h]),
+            ("moe.gate_proj.weight", vec![e, i, h]),
+            ("moe.up_proj.weight", vec![e, i, h]),
+            ("moe.down_proj.weight", vec![e, h, i]),
+            ("share_expert.gate_proj.weight", vec![s, h]),
+            ("share_expert.up_proj.weight", vec![s, h]),
+            ("share_expert.down_proj.weight", vec![h, s]),
+        ];
+        let (mut tensors, mut host) = (HashMap::new(), HashMap::new());
+        for (seed, (name, dims)) in shapes.into_iter().enumerate() {
+            let scale = if name == "moe.gate.weight" { 4.0 } else { 1.0 };
+            let v = det(dims.iter().product(), 97 * seed + 13, scale);
+            tensors.insert(name.to_string(), Tensor::from_vec(v.clone(), dims, &Device::Cpu)?);
+            host.insert(name.to_string(), v);
+        }
+        Ok(Case { cfg, tensors, host })
+    }
+
+    /// `y = W_down · (silu(W_gate x) ⊙ W_up x)` with `W_gate, W_up: [i, h]`, `W_down: [h, i]`.
+    fn swiglu(x: &[f64], gate: &[f32], up: &[f32], down: &[f32], i: usize) -> Vec<f64> {
+        let h = x.len();
+        let dot = |w: &[f32], r: usize| (0..h).map(|c| w[r * h + c] as f64 * x[c]).sum::<f64>();
+        let act: Vec<f64> = (0..i)
+            .map(|r| {
+                let g = dot(gate, r);
+                g / (1.0 + (-g).exp()) * dot(up, r)
+            })
+            .collect();
+        (0..h).map(|o| (0..i).map(|r| down[o * i + r] as f64 * act[r]).sum()).collect()
+    }
+
+    fn reference(c: &Case, x: &[f64]) -> (Vec<u32>, Vec<f64>, Vec<f64>) {
+        let MoeConfig { hidden_size: h, num_experts: e, top_k: k, moe_intermediate_size: i, .. } = c.cfg;
+        let s = c.cfg.share_expert_dim;
+        let router = &c.host["moe.gate.weight"];
+        let logits: Vec<f64> = (0..e).map(|r| (0..h).map(|j| router[r * h + j] as f64 * x[j]).sum()).collect();
+        let m = logits.iter().cloned().fold(f64::MIN, f64::max);
+        let z: f64 = logits.iter().map(|l| (l - m).exp()).sum();
+        let probs: Vec<f64> = logits.iter().map(|l| (l - m).exp() / z).collect();
+        let mut order: Vec<usize> = (0..e).collect();
+        order.sort_by(|a, b| probs[*b].total_cmp(&probs[*a]));
+        let ids: Vec<u32> = order[..k].iter().map(|&x| x as u32).collect();
+        let mut w: Vec<f64> = order[..k].iter().map(|&x| probs[x]).collect();
+        if c.cfg.norm_expert_weight {
+            let sum: f64 = w.iter().sum();
+            w.iter_mut().for_each(|v| *v /= sum);
+        }
+        let mut y = swiglu(
+            x,
+            &c.host["share_expert.gate_proj.weight"],
+            &c.host["share_expert.up_proj.weight"],
+            &c.host["share_expert.down_proj.weight"],
+            s,
+        );
+        for (&id, &wj) in ids.iter().zip(&w) {
+            let id = id as usize;
+            let slice = |name: &str, len: usize| c.host[name][id * len..(id + 1) * len].to_vec();
+            let out = swiglu(
+                x,
+                &slice("moe.gate_proj.weight", i * h),
+                &slice("moe.up_proj.weight", i * h),
+                &slice("moe.down_proj.weight", h * i),
+                i,
+            );
+            y.iter_mut().zip(out).for_each(|(a, b)| *a += wj * b);
+        }
+        (ids, w, y)
+    }
+
+    fn check(e: usize, k: usize, n: usize, renorm: bool) -> candle_core::Result<()> {
+        let (h, i, s) = (12, 10, 6);
+        let c = case(e, k, h, i, s, renorm)?;
+        let vb = VarBuilder::from_tensors(c.tensors.clone(), DType::F32, &Device::Cpu);
+        let block = MoeBlock::new(&c.cfg, vb)?;
+        let xv = det(n * h, 7, 2.0);
+        let xs = Tensor::from_vec(xv.clone(), (n, h), &Device::Cpu)?;
+        let (ys, routing) = block.forward(&xs)?;
+        assert_eq!(ys.dims(), &[n, h]);
+        let ys = ys.to_vec2::<f32>()?;
+        let ids = routing.ids.to_vec2::<u32>()?;
+        let ws = routing.weights.to_vec2::<f32>()?;
+        for t in 0..n {
+            let x: Vec<f64> = xv[t * h..(t + 1) * h].iter().map(|v| *v as f64).collect();
+            let (want_ids, want_w, want_y) = reference(&c, &x);
+            assert_eq!(ids[t], want_ids, "token {t}: experts");
+            for (got, want) in ws[t].iter().zip(&want_w) {
+                assert!((*got as f64 - want).abs() <= 1e-6 * want.abs().max(1e-3), "token {t}: {got} vs {want}");
+            }
+            let scale = want_y.iter().map(|v| v.abs()).fold(0.0, f64::max);
+            for (o, (got, want)) in ys[t].iter().zip(&want_y).enumerate() {
+                assert!((*got as f64 - want).abs() <= 1e-5 * scale, "token {t} out {o}: {got} vs {want}");
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn matches_the_naive_reference_without_renormalisation() -> candle_core::Result<()> {
+        check(8, 3, 11, false)
+    }
+
+    #[test]
+    fn matches_the_naive_reference_with_renormalisation_and_other_sizes() -> candle_core::Result<()> {
+        check(5, 2, 4, true)?;
+        check(4, 1, 1, false)?;
+        check(6, 6, 3, true)
+    }
+
+    #[test]
+    fn renormalised_weights_sum_to_one() -> candle_core::Result<()> {
+        let c = case(7, 3, 12, 10, 6, true)?;
+        let vb = VarBuilder::from_tensors(c.tensors, DType::F32, &Device::Cpu);
+        let router = Router::new(&c.cfg, vb.pp("moe.gate"))?;
+        let xs = Tensor::from_vec(det(5 * 12, 3, 2.0), (5, 12), &Device::Cpu)?;
+        for row in router.route(&xs)?.weights.to_vec2::<f32>()? {
+            assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-6, "{row:?}");
+            assert!(row.windows(2).all(|w| w[0] >= w[1]), "not descending: {row:?}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn invalid_top_k_and_bad_shapes_are_errors() -> candle_core::Result<()> {
+        let mut c = case(4, 2, 12, 10, 6, false)?;
+        for k in [0, 5] {
+            c.cfg.top_k = k;
+            let vb = VarBuilder::from_tensors(c.tensors.clone(), DType::F32, &Device::Cpu);
+            let err = MoeBlock::new(&c.cfg, vb).expect_err("top_k out of range").to_string();
+            assert!(err.contains("moe_top_k"), "{err}");
+        }
+        c.cfg.top_k = 2;
+        c.cfg.moe_intermediate_size = 9; // the checkpoint says 10
+        let vb = VarBuilder::from_tensors(c.tensors.clone(), DType::F32, &Device::Cpu);
+        let err = MoeBlock::new(&c.cfg, vb).expect_err("shape mismatch").to_string();
+        assert!(err.contains("gate_proj") || err.contains("shape"), "{err}");
+        Ok(())
+    }
+}
