@@ -6,29 +6,11 @@ mod common;
 use std::path::Path;
 
 use common::*;
-use step3::{DType, Device, Error, Step3Checkpoint};
-
-fn load(dir: &Path) -> Result<step3::Step3TextModel, Error> {
-    Step3Checkpoint::open(dir)?.load_text_model(DType::F32, &Device::Cpu)
-}
-
-fn edit_weights(dir: &Path, f: impl FnOnce(&mut std::collections::HashMap<String, candle_core::Tensor>)) {
-    let path = dir.join("model.safetensors");
-    let mut t = read_tensors(&path);
-    f(&mut t);
-    write_tensors(&path, &t);
-}
-
-fn edit_config(dir: &Path, f: impl FnOnce(&mut serde_json::Value)) {
-    let path = dir.join("config.json");
-    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    f(&mut v);
-    std::fs::write(&path, v.to_string()).unwrap();
-}
+use step3::{DType, Step3Checkpoint};
 
 /// The library error and the CLI's stderr both contain `needle`; the CLI exits 1 without panicking.
 fn assert_fails(dir: &Path, needle: &str) {
-    let err = load(dir).expect_err("load must fail").to_string();
+    let err = load_text_f32(dir).expect_err("load must fail").to_string();
     assert!(err.contains(needle), "library error {err:?} lacks {needle:?}");
     let out = step3(&["logits", "--model-dir", dir.to_str().unwrap(), "--ids", "1,2", "--out", "/dev/null"]);
     assert_eq!(out.status.code(), Some(1), "stderr: {}", stderr(&out));
@@ -53,7 +35,7 @@ fn wrong_shape_names_tensor_expected_and_found() {
         t.insert("model.layers.0.self_attn.wq.weight".into(), w);
     });
     assert_fails(dir.path(), "tensor `model.layers.0.self_attn.wq.weight`");
-    let err = load(dir.path()).unwrap_err().to_string();
+    let err = load_text_f32(dir.path()).unwrap_err().to_string();
     assert!(err.contains("expected shape [128, 48], found [64, 48]"), "{err}");
 }
 
@@ -66,7 +48,7 @@ fn all_problems_are_counted() {
     });
     let ckpt = Step3Checkpoint::open(dir.path()).unwrap();
     assert_eq!(ckpt.check().problems.len(), 2);
-    assert!(load(dir.path()).unwrap_err().to_string().contains("(and 1 more problems)"));
+    assert!(load_text_f32(dir.path()).unwrap_err().to_string().contains("(and 1 more problems)"));
 }
 
 #[test]
@@ -77,7 +59,7 @@ fn unsupported_weight_dtype_is_named() {
         t.insert("model.norm.weight".into(), w);
     });
     assert_fails(dir.path(), "tensor `model.norm.weight`");
-    assert!(load(dir.path()).unwrap_err().to_string().contains("dtype U8"));
+    assert!(load_text_f32(dir.path()).unwrap_err().to_string().contains("dtype U8"));
 }
 
 #[test]
@@ -160,19 +142,7 @@ fn sharded_checkpoints_load_and_check_the_index() {
     std::fs::write(dir.path().join("model.safetensors.index.json"), index.to_string()).unwrap();
 
     // Loads, and gives the same logits as the single file.
-    let out = step3(&[
-        "generate",
-        "--model-dir",
-        dir.path().to_str().unwrap(),
-        "--ids",
-        "252,89,59,131,19,16,159,255,87,55,100",
-        "--max-new-tokens",
-        "8",
-        "--temperature",
-        "0",
-        "--print",
-        "ids",
-    ]);
+    let out = greedy_ids(dir.path().to_str().unwrap(), "252,89,59,131,19,16,159,255,87,55,100", &[]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(stdout(&out).trim(), "62,254,177,158,44,184,243,245");
 

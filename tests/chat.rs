@@ -23,8 +23,7 @@ fn greedy(n: usize) -> GenerateOptions {
 /// A copy of a fixture checkpoint with a tokenizer whose image markers have the fixture's ids.
 fn fixture_with_tokenizer(name: &str) -> tempfile::TempDir {
     let dir = copy_checkpoint(name);
-    let golden: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixtures().join(name).join("golden.json")).unwrap()).unwrap();
+    let golden = golden_json(name);
     let ids = &golden["special_token_ids"];
     let mut next = 270u32;
     let specials: Vec<(&str, u32)> = step3::demo::SPECIAL_TOKENS
@@ -43,8 +42,7 @@ fn fixture_with_tokenizer(name: &str) -> tempfile::TempDir {
 
 #[test]
 fn public_api_reproduces_the_golden_tokens() {
-    let golden: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixtures().join("vl-f32/golden.json")).unwrap()).unwrap();
+    let golden = golden_json("vl-f32");
     let dir = fixture_with_tokenizer("vl-f32");
     let model = Step3::from_pretrained(dir.path().to_string_lossy()).dtype(DType::F32).crop_size(40).build().unwrap();
     let ids = |v: &serde_json::Value| -> Vec<u32> {

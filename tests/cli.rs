@@ -66,34 +66,10 @@ fn logits_in_bf16_is_close() {
 
 #[test]
 fn generate_prints_exactly_the_greedy_ids() {
-    let out = step3(&[
-        "generate",
-        "--model-dir",
-        &dir("vl-f32"),
-        "--ids",
-        SEQ0,
-        "--max-new-tokens",
-        "8",
-        "--temperature",
-        "0",
-        "--print",
-        "ids",
-    ]);
+    let out = greedy_ids(&dir("vl-f32"), SEQ0, &[]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(stdout(&out), "62,254,177,158,44,184,243,245\n");
-    let out = step3(&[
-        "generate",
-        "--model-dir",
-        &dir("moe-renorm-f32"),
-        "--ids",
-        "155,130,177,218,127,116",
-        "--max-new-tokens",
-        "8",
-        "--temperature",
-        "0",
-        "--print",
-        "ids",
-    ]);
+    let out = greedy_ids(&dir("moe-renorm-f32"), "155,130,177,218,127,116", &[]);
     assert_eq!(stdout(&out), "16,75,148,319,260,176,74,61\n");
 }
 

@@ -1,9 +1,8 @@
 //! Block-FP8 checkpoints: compact in memory, exact dequantisation, every entry point, and clear
-//! errors for broken quantisation data. (The goldens themselves run in text_goldens.rs.)
+//! errors for broken quantisation data. (The goldens themselves run in goldens.rs.)
 
 mod common;
 
-use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::Tensor;
@@ -18,15 +17,8 @@ fn logits(model: &step3::Step3TextModel) -> Tensor {
     model.logits(&model.forward(&ids, &lens, &mut cache, None).unwrap()).unwrap()
 }
 
-fn edit_weights(dir: &Path, f: impl FnOnce(&mut HashMap<String, Tensor>)) {
-    let path = dir.join("model.safetensors");
-    let mut t = read_tensors(&path);
-    f(&mut t);
-    write_tensors(&path, &t);
-}
-
 fn load_err(dir: &Path) -> String {
-    match Step3Checkpoint::open(dir).and_then(|c| c.load_text_model(DType::F32, &Device::Cpu)) {
+    match load_text_f32(dir) {
         Ok(_) => panic!("loading {} should fail", dir.display()),
         Err(e) => e.to_string(),
     }
@@ -141,10 +133,7 @@ fn wrong_scale_shape_is_named() {
 #[test]
 fn unsupported_quantization_is_named() {
     let dir = copy_checkpoint("fp8-block");
-    let path = dir.path().join("config.json");
-    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    v["quantization_config"]["quant_method"] = "gptq".into();
-    std::fs::write(&path, v.to_string()).unwrap();
+    edit_config(dir.path(), |v| v["quantization_config"]["quant_method"] = "gptq".into());
     let err = load_err(dir.path());
     assert!(err.contains("`quantization_config.quant_method` is \"gptq\": unsupported quantization"), "{err}");
     let out = step3(&["generate", "--model-dir", dir.path().to_str().unwrap(), "--ids", "1,2"]);
@@ -155,10 +144,9 @@ fn unsupported_quantization_is_named() {
 #[test]
 fn fp8_weight_without_quantization_config_is_refused() {
     let dir = copy_checkpoint("fp8-block");
-    let path = dir.path().join("config.json");
-    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    v.as_object_mut().unwrap().remove("quantization_config");
-    std::fs::write(&path, v.to_string()).unwrap();
+    edit_config(dir.path(), |v| {
+        v.as_object_mut().unwrap().remove("quantization_config");
+    });
     let err = load_err(dir.path());
     assert!(err.contains("dtype F8_E4M3") && err.contains("no quantization_config"), "{err}");
 }

@@ -4,14 +4,11 @@
 //! downsamplers, projector, resized position table), multimodal prompts and block-FP8, at the
 //! fixtures' tolerances.
 
-use std::path::PathBuf;
+mod common;
 
+use common::fixtures;
 use step3::verify::{verify_fixtures, GoldenCheck, Measure};
 use step3::{DType, Device};
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/step3-tiny")
-}
 
 fn run(dtype: DType) -> Vec<GoldenCheck> {
     let checks = verify_fixtures(&fixtures(), dtype, &Device::Cpu).expect("fixtures run");

@@ -6,10 +6,6 @@ mod common;
 use common::*;
 use step3::{DType, Device, LoadOptions, Step3Checkpoint};
 
-fn golden_json(folder: &str) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(fixtures().join(folder).join("golden.json")).unwrap()).unwrap()
-}
-
 fn image(name: &str) -> String {
     fixtures().join("images").join(name).to_string_lossy().into_owned()
 }
@@ -28,47 +24,19 @@ fn mm_ids() -> String {
 fn generate_with_two_images_gives_the_golden_tokens() {
     let dir = fixtures().join("vl-f32").to_string_lossy().into_owned();
     let (a, b) = (image("wide_150x62.png"), image("grid_760x620.png"));
-    let args = [
-        "generate",
-        "--model-dir",
-        &dir,
-        "--ids",
-        &mm_ids(),
-        "--image",
-        &a,
-        "--image",
-        &b,
-        "--crop-size",
-        "40",
-        "--max-new-tokens",
-        "8",
-        "--temperature",
-        "0",
-        "--print",
-        "ids",
-    ];
-    let out = step3(&args);
+    let images = ["--image", &a, "--image", &b, "--crop-size", "40"];
+    let ids = mm_ids();
+    let out = greedy_ids(&dir, &ids, &images);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(stdout(&out), "124,232,166,224,5,16,159,227\n");
 
     // logits with the same prompt match the golden prefill logits.
     let tmp = tempfile::tempdir().unwrap();
     let file = tmp.path().join("l.safetensors");
-    let out = step3(&[
-        "logits",
-        "--model-dir",
-        &dir,
-        "--ids",
-        &mm_ids(),
-        "--image",
-        &a,
-        "--image",
-        &b,
-        "--crop-size",
-        "40",
-        "--out",
-        file.to_str().unwrap(),
-    ]);
+    let mut args = vec!["logits", "--model-dir", &dir, "--ids", &ids];
+    args.extend_from_slice(&images);
+    args.extend_from_slice(&["--out", file.to_str().unwrap()]);
+    let out = step3(&args);
     assert!(out.status.success(), "{}", stderr(&out));
     let golden = read_tensors(&fixtures().join("vl-f32/golden.safetensors"));
     let err = step3::verify::relative_error(&read_tensors(&file)["logits"], &golden["mm.prefill_logits"]).unwrap();
