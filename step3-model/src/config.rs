@@ -139,11 +139,7 @@ impl TextConfig {
             ("moe_intermediate_size", self.moe_intermediate_size),
             ("share_expert_dim", self.share_expert_dim),
         ];
-        for (k, v) in positive {
-            if v == 0 {
-                return Err(Error::key(path, key(k), "must be a positive integer, found 0"));
-            }
-        }
+        require_positive(path, prefix, &positive)?;
         if self.num_attention_groups != 1 {
             return Err(Error::key(
                 path,
@@ -181,20 +177,8 @@ impl TextConfig {
                 return Err(Error::key(path, key("moe_layers_enum"), format!("lists layer {l} twice")));
             }
         }
-        if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
-            return Err(Error::key(
-                path,
-                key("rope_theta"),
-                format!("must be a positive number, found {}", self.rope_theta),
-            ));
-        }
-        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0) {
-            return Err(Error::key(
-                path,
-                key("rms_norm_eps"),
-                format!("must be a positive number, found {}", self.rms_norm_eps),
-            ));
-        }
+        require_positive_number(path, key("rope_theta"), self.rope_theta)?;
+        require_positive_number(path, key("rms_norm_eps"), self.rms_norm_eps)?;
         match &self.rope_scaling {
             None | Some(Value::Null) => {}
             Some(other) => {
@@ -304,19 +288,19 @@ impl RawVision {
                 ));
             }
         }
-        for (k, v) in [
-            ("hidden_size", self.hidden_size),
-            ("output_hidden_size", self.output_hidden_size),
-            ("num_hidden_layers", self.num_hidden_layers),
-            ("num_attention_heads", self.num_attention_heads),
-            ("num_channels", self.num_channels),
-            ("patch_size", self.patch_size),
-            ("image_size", self.image_size),
-        ] {
-            if v == 0 {
-                return Err(Error::key(path, key(k), "must be a positive integer, found 0"));
-            }
-        }
+        require_positive(
+            path,
+            "vision_config.",
+            &[
+                ("hidden_size", self.hidden_size),
+                ("output_hidden_size", self.output_hidden_size),
+                ("num_hidden_layers", self.num_hidden_layers),
+                ("num_attention_heads", self.num_attention_heads),
+                ("num_channels", self.num_channels),
+                ("patch_size", self.patch_size),
+                ("image_size", self.image_size),
+            ],
+        )?;
         if self.hidden_size % self.num_attention_heads != 0 {
             return Err(Error::key(
                 path,
@@ -335,9 +319,7 @@ impl RawVision {
             ));
         }
         let eps = self.layer_norm_eps.unwrap_or(1e-6);
-        if !(eps.is_finite() && eps > 0.0) {
-            return Err(Error::key(path, key("layer_norm_eps"), format!("must be a positive number, found {eps}")));
-        }
+        require_positive_number(path, key("layer_norm_eps"), eps)?;
         Ok(VisionSection {
             hidden_size: self.hidden_size,
             output_hidden_size: self.output_hidden_size,
@@ -545,6 +527,23 @@ struct Wrapper {
 }
 
 /// Deserializes a section, turning serde's messages into errors that name the full key.
+/// The first of `fields` (keys under `prefix`) that is 0, as an error naming it.
+fn require_positive(path: &Path, prefix: &str, fields: &[(&str, usize)]) -> Result<()> {
+    match fields.iter().find(|(_, v)| *v == 0) {
+        Some((k, _)) => Err(Error::key(path, format!("{prefix}{k}"), "must be a positive integer, found 0")),
+        None => Ok(()),
+    }
+}
+
+/// `value` must be finite and greater than zero.
+fn require_positive_number(path: &Path, key: String, value: f64) -> Result<()> {
+    if value.is_finite() && value > 0.0 {
+        Ok(())
+    } else {
+        Err(Error::key(path, key, format!("must be a positive number, found {value}")))
+    }
+}
+
 fn deserialize_section<T: serde::de::DeserializeOwned>(value: Value, path: &Path, prefix: &str) -> Result<T> {
     serde_path_to_error::deserialize(value).map_err(|e| {
         let inner = e.inner().to_string();
@@ -618,6 +617,30 @@ mod tests {
 
     fn err(text: &str) -> String {
         Step3Config::from_json_str(text, "config.json").unwrap_err().to_string()
+    }
+
+    #[test]
+    fn zero_sizes_and_non_positive_numbers_are_named() {
+        for (key, value) in [("hidden_size", Value::from(0)), ("share_expert_dim", 0.into())] {
+            let e = err(&edit(|o| {
+                o.insert(key.into(), value);
+            }));
+            assert!(e.contains(&format!("`{key}` must be a positive integer, found 0")), "{key}: {e}");
+        }
+        for (key, value) in [("rope_theta", Value::from(0.0)), ("rms_norm_eps", (-1e-5).into())] {
+            let e = err(&edit(|o| {
+                o.insert(key.into(), value);
+            }));
+            assert!(e.contains(&format!("`{key}` must be a positive number")), "{key}: {e}");
+        }
+        let text: Value = serde_json::from_str(TEXT).unwrap();
+        for (key, value) in [("patch_size", Value::from(0)), ("layer_norm_eps", 0.0.into())] {
+            let mut v = vision();
+            v[key] = value;
+            let o = serde_json::json!({"model_type": "step3_vl", "text_config": text, "vision_config": v, "understand_projector_stride": 2, "projector_bias": false});
+            let e = err(&o.to_string());
+            assert!(e.contains(&format!("`vision_config.{key}` must be a positive")), "{key}: {e}");
+        }
     }
 
     #[test]
