@@ -59,6 +59,9 @@ pub use text::{mfa_config, moe_config};
 pub use text::{LayerRouting, Step3Cache, Step3TextModel};
 pub use tokenizer::Step3Tokenizer;
 
+/// The first vision MLP weight: its rows give the MLP width when the config omits it.
+const VISION_FC1: &str = "vision_model.transformer.layers.0.mlp.fc1.weight";
+
 /// How block-FP8 weights are held once loaded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Fp8Storage {
@@ -165,10 +168,12 @@ impl Step3Checkpoint {
 
     /// The vision MLP width: from the config, else from the checkpoint's first `fc1.weight`.
     fn vision_intermediate_size(&self) -> Option<usize> {
-        let v = self.config.vision.as_ref()?;
-        v.intermediate_size.or_else(|| {
-            self.weights.info("vision_model.transformer.layers.0.mlp.fc1.weight").and_then(|i| i.shape.first().copied())
-        })
+        self.config.vision.as_ref()?.intermediate_size.or_else(|| self.vision_fc1_rows())
+    }
+
+    /// Rows of the checkpoint's first vision `fc1.weight`, if it is there.
+    fn vision_fc1_rows(&self) -> Option<usize> {
+        self.weights.info(VISION_FC1).and_then(|i| i.shape.first().copied())
     }
 
     /// Checks presence, shape and dtype of every language-model tensor (and of FP8 scales).
@@ -180,43 +185,28 @@ impl Step3Checkpoint {
     pub fn check_all(&self) -> InventoryReport {
         let mut expected = self.expected_tensors();
         expected.extend(self.expected_vision_tensors());
+        let mut report = inventory::check(&self.weights, &expected, self.config.quantization.as_ref());
         if self.config.vision.is_some() && self.vision_intermediate_size().is_none() {
-            let mut r = inventory::check(&self.weights, &expected, self.config.quantization.as_ref());
-            r.problems.push(Error::MissingTensor {
-                name: "vision_model.transformer.layers.0.mlp.fc1.weight".into(),
-                within: None,
-            });
-            return r;
+            report.problems.push(Error::MissingTensor { name: VISION_FC1.into(), within: None });
         }
-        inventory::check(&self.weights, &expected, self.config.quantization.as_ref())
+        report
     }
 
     /// The vision tower's settings, with the MLP width resolved against the checkpoint (a config
     /// value that disagrees with the weights is an error).
     pub fn vision_config(&self) -> Result<Option<VisionConfig>> {
         let Some(v) = &self.config.vision else { return Ok(None) };
-        let from_weights = self
-            .weights
-            .info("vision_model.transformer.layers.0.mlp.fc1.weight")
-            .and_then(|i| i.shape.first().copied());
-        let intermediate = match (v.intermediate_size, from_weights) {
+        let intermediate = match (v.intermediate_size, self.vision_fc1_rows()) {
             (Some(c), Some(w)) if c != w => {
                 return Err(Error::key(
                     &self.config.path,
                     "vision_config.intermediate_size",
-                    format!(
-                        "is {c}, but the checkpoint's vision_model.transformer.layers.0.mlp.fc1.weight has {w} rows"
-                    ),
+                    format!("is {c}, but the checkpoint's {VISION_FC1} has {w} rows"),
                 ))
             }
             (_, Some(w)) => w,
             (Some(c), None) => c,
-            (None, None) => {
-                return Err(Error::MissingTensor {
-                    name: "vision_model.transformer.layers.0.mlp.fc1.weight".into(),
-                    within: None,
-                })
-            }
+            (None, None) => return Err(Error::MissingTensor { name: VISION_FC1.into(), within: None }),
         };
         Ok(Some(VisionConfig {
             hidden_size: v.hidden_size,
@@ -309,11 +299,7 @@ impl Step3Checkpoint {
         }
         let vision_cfg = self.vision_config()?;
         let preprocess = self.preprocess_config(opts.crop_size)?;
-        let report = self.check_all();
-        let total = report.checked;
-        report.into_result()?;
-        let backend = checkpoint::CheckpointBackend::new(&self.weights, opts.progress.clone().map(|p| (p, total)));
-        let vb = candle_nn::VarBuilder::from_backend(Box::new(backend), opts.dtype, opts.device.clone());
+        let vb = self.loading_var_builder(self.check_all(), opts)?;
         let text = Step3TextModel::new(&self.config.text, self.weight_format(opts.fp8), vb.clone())?;
         let vision = match &vision_cfg {
             Some(cfg) => Some(VisionModel::new(cfg, Some(preprocess.crop_size), vb)?),
@@ -354,12 +340,17 @@ impl Step3Checkpoint {
         if !matches!(opts.dtype, DType::F32 | DType::BF16 | DType::F16) {
             return Err(Error::UnsupportedDtype(opts.dtype));
         }
-        let report = self.check();
+        let vb = self.loading_var_builder(self.check(), opts)?;
+        Ok(Step3TextModel::new(&self.config.text, self.weight_format(opts.fp8), vb)?)
+    }
+
+    /// Fails with every problem of `report`; otherwise a builder over the weights in `opts.dtype`
+    /// on `opts.device` that reports `opts.progress` against the tensors `report` checked.
+    fn loading_var_builder(&self, report: InventoryReport, opts: &LoadOptions) -> Result<candle_nn::VarBuilder<'_>> {
         let total = report.checked;
         report.into_result()?;
         let backend = checkpoint::CheckpointBackend::new(&self.weights, opts.progress.clone().map(|p| (p, total)));
-        let vb = candle_nn::VarBuilder::from_backend(Box::new(backend), opts.dtype, opts.device.clone());
-        Ok(Step3TextModel::new(&self.config.text, self.weight_format(opts.fp8), vb)?)
+        Ok(candle_nn::VarBuilder::from_backend(Box::new(backend), opts.dtype, opts.device.clone()))
     }
 
     /// One weight of the checkpoint as a dense tensor in `dtype` (FP8 weights dequantised with
