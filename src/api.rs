@@ -24,14 +24,13 @@
 use std::collections::VecDeque;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use serde::Serialize;
 use step3_model::hub::{self, HubOptions, ModelSource};
 use step3_model::{
     ChatTemplate, Detokenizer, Error, FinishReason, Fp8Storage, Generator, LoadOptions, LoadProgress, Message,
-    OutputEvent, OutputParser, Result, SamplingParams, Step3Checkpoint, Step3Model, Step3Tokenizer, StopStrings,
-    ToolCall,
+    OutputEvent, OutputParser, PreprocessedImage, Result, SamplingParams, Stats, Step3Checkpoint, Step3Model,
+    Step3Tokenizer, StopStrings, ToolCall,
 };
 
 use crate::{DType, Device};
@@ -154,26 +153,6 @@ pub enum Event {
     Done(Stats),
 }
 
-/// Token counts and speed of a generation.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Stats {
-    pub prompt_tokens: usize,
-    pub generated_tokens: usize,
-    pub prefill_time: Duration,
-    pub decode_time: Duration,
-    pub finish: FinishReason,
-}
-
-impl Stats {
-    pub fn prefill_tokens_per_sec(&self) -> f64 {
-        self.prompt_tokens as f64 / self.prefill_time.as_secs_f64().max(1e-9)
-    }
-
-    pub fn decode_tokens_per_sec(&self) -> f64 {
-        self.generated_tokens.saturating_sub(1) as f64 / self.decode_time.as_secs_f64().max(1e-9)
-    }
-}
-
 /// A finished answer.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Response {
@@ -279,7 +258,13 @@ impl Step3 {
 
     /// Prompt token ids of a conversation, images expanded to their full layouts, and the
     /// preprocessed images in prompt order.
-    pub fn prompt(&self, messages: &[Message]) -> Result<(Vec<u32>, Vec<step3_model::PreprocessedImage>)> {
+    pub fn prompt(&self, messages: &[Message]) -> Result<(Vec<u32>, Vec<PreprocessedImage>)> {
+        let (_, ids, images) = self.prepare(messages)?;
+        Ok((ids, images))
+    }
+
+    /// The rendered prompt text, its token ids (images expanded) and the preprocessed images.
+    fn prepare(&self, messages: &[Message]) -> Result<(String, Vec<u32>, Vec<PreprocessedImage>)> {
         if messages.iter().all(|m| m.text.trim().is_empty() && m.images.is_empty()) {
             return Err(Error::Input("the prompt is empty".into()));
         }
@@ -287,11 +272,11 @@ impl Step3 {
         let ids = self.tokenizer.encode(&text)?;
         let paths: Vec<&PathBuf> = messages.iter().flat_map(|m| &m.images).collect();
         if paths.is_empty() {
-            return Ok((ids, Vec::new()));
+            return Ok((text, ids, Vec::new()));
         }
         let images = paths.iter().map(|p| self.model.load_image(p)).collect::<Result<Vec<_>>>()?;
         let ids = self.model.expand_placeholders(&ids, &images, &self.tokenizer.image_token_ids()?)?;
-        Ok((ids, images))
+        Ok((text, ids, images))
     }
 
     fn sampling(&self, opts: &GenerateOptions) -> SamplingParams {
@@ -309,8 +294,8 @@ impl Step3 {
 
     /// Streams the answer to `messages` as [`Event`]s.
     pub fn stream<'a>(&'a self, messages: &[Message], opts: &GenerateOptions) -> Result<Stream<'a>> {
-        let (ids, images) = self.prompt(messages)?;
-        let opens_reasoning = self.render(messages)?.trim_end().ends_with(step3_model::tokenizer::THINK);
+        let (text, ids, images) = self.prepare(messages)?;
+        let opens_reasoning = text.trim_end().ends_with(step3_model::tokenizer::THINK);
         self.stream_ids(&ids, &images, opens_reasoning, opts)
     }
 
@@ -319,7 +304,7 @@ impl Step3 {
     pub fn stream_ids<'a>(
         &'a self,
         ids: &[u32],
-        images: &[step3_model::PreprocessedImage],
+        images: &[PreprocessedImage],
         opens_reasoning: bool,
         opts: &GenerateOptions,
     ) -> Result<Stream<'a>> {
@@ -357,7 +342,7 @@ impl Step3 {
     pub fn complete(
         &self,
         ids: &[u32],
-        images: &[step3_model::PreprocessedImage],
+        images: &[PreprocessedImage],
         opens_reasoning: bool,
         opts: &GenerateOptions,
     ) -> Result<Response> {
@@ -367,27 +352,24 @@ impl Step3 {
 
 /// Drains a stream into a [`Response`], showing every event to `on_event`.
 fn collect(mut stream: Stream<'_>, mut on_event: impl FnMut(&Event) -> ControlFlow<()>) -> Result<Response> {
-    {
-        let (mut text, mut reasoning, mut tool_calls) = (String::new(), String::new(), Vec::new());
-        loop {
-            let Some(event) = stream.next() else { break };
-            let event = event?;
-            let flow = on_event(&event);
-            match event {
-                Event::Reasoning(s) => reasoning.push_str(&s),
-                Event::Text(s) => text.push_str(&s),
-                Event::ToolCall(t) => tool_calls.push(t),
-                Event::Done(stats) => {
-                    let tokens = stream.generator.generated().to_vec();
-                    return Ok(Response { text, reasoning, tool_calls, tokens, stats });
-                }
-            }
-            if flow.is_break() {
-                stream.cancel();
+    let (mut text, mut reasoning, mut tool_calls) = (String::new(), String::new(), Vec::new());
+    while let Some(event) = stream.next() {
+        let event = event?;
+        let flow = on_event(&event);
+        match event {
+            Event::Reasoning(s) => reasoning.push_str(&s),
+            Event::Text(s) => text.push_str(&s),
+            Event::ToolCall(t) => tool_calls.push(t),
+            Event::Done(stats) => {
+                let tokens = stream.generator.generated().to_vec();
+                return Ok(Response { text, reasoning, tool_calls, tokens, stats });
             }
         }
-        Err(Error::Input("generation ended without its final event".into()))
+        if flow.is_break() {
+            stream.cancel();
+        }
     }
+    Err(Error::Input("generation ended without its final event".into()))
 }
 
 fn read_json(path: &Path) -> Result<Option<serde_json::Value>> {
@@ -450,14 +432,7 @@ impl Stream<'_> {
                 }
                 let events = self.parser.finish();
                 self.push_events(events);
-                let out = self.generator.output();
-                self.queue.push_back(Event::Done(Stats {
-                    prompt_tokens: out.prompt_tokens,
-                    generated_tokens: out.tokens.len(),
-                    prefill_time: out.prefill_time,
-                    decode_time: out.decode_time,
-                    finish: out.finish,
-                }));
+                self.queue.push_back(Event::Done(self.generator.stats()));
                 self.done = true;
             }
         }

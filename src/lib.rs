@@ -11,7 +11,7 @@ mod api;
 pub mod demo;
 pub mod verify;
 
-pub use api::{Event, GenerateOptions, Response, Stats, Step3, Step3Builder, Stream};
+pub use api::{Event, GenerateOptions, Response, Step3, Step3Builder, Stream};
 
 /// A compute dtype from its name: `f32`, `bf16` or `f16` (long forms accepted).
 pub fn parse_dtype(s: &str) -> Result<DType> {

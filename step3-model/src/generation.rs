@@ -105,27 +105,34 @@ pub enum FinishReason {
     Cancelled,
 }
 
-/// The generated tokens and how long it took.
+/// Token counts and timing of a generation.
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct GenerationOutput {
-    pub tokens: Vec<u32>,
-    pub finish: FinishReason,
+pub struct Stats {
     pub prompt_tokens: usize,
+    pub generated_tokens: usize,
     /// Prompt processing plus the first token.
     pub prefill_time: Duration,
     /// Every later token.
     pub decode_time: Duration,
+    pub finish: FinishReason,
 }
 
-impl GenerationOutput {
+impl Stats {
     pub fn prefill_tokens_per_sec(&self) -> f64 {
         self.prompt_tokens as f64 / self.prefill_time.as_secs_f64().max(1e-9)
     }
 
     /// Decode rate over the tokens after the first.
     pub fn decode_tokens_per_sec(&self) -> f64 {
-        self.tokens.len().saturating_sub(1) as f64 / self.decode_time.as_secs_f64().max(1e-9)
+        self.generated_tokens.saturating_sub(1) as f64 / self.decode_time.as_secs_f64().max(1e-9)
     }
+}
+
+/// The generated tokens and how long it took.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct GenerationOutput {
+    pub tokens: Vec<u32>,
+    pub stats: Stats,
 }
 
 /// A generation in progress: prefill on the first [`Generator::next_token`], then one decode step
@@ -258,15 +265,20 @@ impl<'m> Generator<'m> {
         Ok(Some(next))
     }
 
-    /// The result so far (call after the last token).
-    pub fn output(&self) -> GenerationOutput {
-        GenerationOutput {
-            tokens: self.generated().to_vec(),
-            finish: self.finish.unwrap_or(FinishReason::Cancelled),
+    /// Counts and timing so far (final after the last token; `Cancelled` while unfinished).
+    pub fn stats(&self) -> Stats {
+        Stats {
             prompt_tokens: self.prompt_len,
+            generated_tokens: self.generated().len(),
             prefill_time: self.prefill_time,
             decode_time: self.decode_time,
+            finish: self.finish.unwrap_or(FinishReason::Cancelled),
         }
+    }
+
+    /// The result so far (call after the last token).
+    pub fn output(&self) -> GenerationOutput {
+        GenerationOutput { tokens: self.generated().to_vec(), stats: self.stats() }
     }
 }
 

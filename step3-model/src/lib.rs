@@ -41,7 +41,9 @@ pub use chat::{ChatTemplate, Message, Role};
 pub use checkpoint::{Checkpoint, LoadProgress};
 pub use config::{ModelType, QuantizationConfig, Step3Config, TextConfig, VisionSection};
 pub use error::{Error, Result};
-pub use generation::{generate, generate_from_embeds, FinishReason, GenerationOutput, Generator, SamplingParams};
+pub use generation::{
+    generate, generate_from_embeds, FinishReason, GenerationOutput, Generator, SamplingParams, Stats,
+};
 pub use hub::{HubOptions, ModelSource};
 pub use inventory::{ExpectedTensor, InventoryReport};
 pub use multimodal::{merge, Step3Model};

@@ -258,11 +258,11 @@ fn generate(a: GenerateArgs) -> Result<ExitCode> {
     if a.print == "stats" {
         eprintln!(
             "prompt {} tokens, generated {} ({:?}); prefill {:.1} tok/s, decode {:.1} tok/s",
-            out.prompt_tokens,
-            out.tokens.len(),
-            out.finish,
-            out.prefill_tokens_per_sec(),
-            out.decode_tokens_per_sec()
+            out.stats.prompt_tokens,
+            out.stats.generated_tokens,
+            out.stats.finish,
+            out.stats.prefill_tokens_per_sec(),
+            out.stats.decode_tokens_per_sec()
         );
     }
     Ok(ExitCode::SUCCESS)
