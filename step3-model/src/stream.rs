@@ -29,37 +29,40 @@ impl Detokenizer {
     /// Adds a token; returns the new text when a complete piece is available.
     pub fn push(&mut self, tok: &Step3Tokenizer, id: u32) -> Result<Option<String>> {
         self.tokens.push(id);
-        let prefix = tok.decode(&self.tokens[self.prefix_offset..self.read_offset])?;
-        let text = tok.decode(&self.tokens[self.prefix_offset..])?;
-        if text.len() > prefix.len() && !text.ends_with('\u{FFFD}') && text.is_char_boundary(prefix.len()) {
-            let new = text[prefix.len()..].to_string();
+        let new = self.gained(tok, true)?;
+        if new.is_some() {
             self.prefix_offset = self.read_offset;
             self.read_offset = self.tokens.len();
-            Ok(Some(new))
-        } else {
-            Ok(None)
         }
+        Ok(new)
     }
 
     /// Whatever is still held back (an incomplete character at the very end is kept as U+FFFD).
     pub fn flush(&mut self, tok: &Step3Tokenizer) -> Result<Option<String>> {
-        let prefix = tok.decode(&self.tokens[self.prefix_offset..self.read_offset])?;
-        let text = tok.decode(&self.tokens[self.prefix_offset..])?;
+        let rest = self.gained(tok, false)?;
         self.prefix_offset = self.tokens.len();
         self.read_offset = self.tokens.len();
-        Ok(if text.len() > prefix.len() && text.is_char_boundary(prefix.len()) {
-            Some(text[prefix.len()..].to_string())
-        } else {
-            None
-        })
+        Ok(rest)
+    }
+
+    /// The text the tokens after `read_offset` add to the window, if any (and, with
+    /// `whole_chars`, only if it does not end in a replacement character).
+    fn gained(&self, tok: &Step3Tokenizer, whole_chars: bool) -> Result<Option<String>> {
+        let prefix = tok.decode(&self.tokens[self.prefix_offset..self.read_offset])?;
+        let text = tok.decode(&self.tokens[self.prefix_offset..])?;
+        let ready = text.len() > prefix.len()
+            && text.is_char_boundary(prefix.len())
+            && !(whole_chars && text.ends_with('\u{FFFD}'));
+        Ok(ready.then(|| text[prefix.len()..].to_string()))
     }
 }
 
 /// The longest suffix of `text` that is a proper prefix of one of `needles` (bytes to hold back
 /// until the next piece shows whether a needle is being written).
-fn held_suffix(text: &str, needles: &[&str]) -> usize {
+fn held_suffix(text: &str, needles: &[impl AsRef<str>]) -> usize {
     let mut best = 0;
     for n in needles {
+        let n = n.as_ref();
         for (i, _) in n.char_indices().skip(1) {
             if i > best && text.ends_with(&n[..i]) {
                 best = i;
@@ -67,6 +70,12 @@ fn held_suffix(text: &str, needles: &[&str]) -> usize {
         }
     }
     best
+}
+
+/// Takes from `pending` everything but its [`held_suffix`].
+fn take_safe(pending: &mut String, needles: &[impl AsRef<str>]) -> String {
+    let keep = held_suffix(pending, needles);
+    pending.drain(..pending.len() - keep).collect()
 }
 
 /// Ends generation at user-given strings, holding back text that might be the start of one.
@@ -90,11 +99,7 @@ impl StopStrings {
             self.pending.clear();
             return (out, true);
         }
-        let stops: Vec<&str> = self.stops.iter().map(String::as_str).collect();
-        let keep = held_suffix(&self.pending, &stops);
-        let out = self.pending[..self.pending.len() - keep].to_string();
-        self.pending.drain(..self.pending.len() - keep);
-        (out, false)
+        (take_safe(&mut self.pending, &self.stops), false)
     }
 
     /// The held-back text at the end of generation.
@@ -257,10 +262,8 @@ impl OutputParser {
     }
 
     fn emit_safe(&mut self, markers: &[&str], mut out: Vec<OutputEvent>) -> Vec<OutputEvent> {
-        let keep = held_suffix(&self.pending, markers);
-        let text = self.pending[..self.pending.len() - keep].to_string();
+        let text = take_safe(&mut self.pending, markers);
         self.emit(&text, &mut out);
-        self.pending.drain(..self.pending.len() - keep);
         out
     }
 
