@@ -78,32 +78,14 @@ impl Checkpoint {
 
     /// Opens the shards listed in a `model.safetensors.index.json` (`weight_map`: tensor → file).
     pub fn open_index(index: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(index).map_err(|source| Error::Io { path: index.to_path_buf(), source })?;
-        let value: serde_json::Value =
-            serde_json::from_str(&text).map_err(|source| Error::Json { path: index.to_path_buf(), source })?;
-        let map = value
-            .get("weight_map")
-            .and_then(|m| m.as_object())
-            .ok_or_else(|| Error::key(index, "weight_map", "is missing or not an object"))?;
+        let map = read_weight_map(index)?;
         let dir = index.parent().unwrap_or(Path::new("."));
-        let mut files: Vec<String> = Vec::new();
-        let mut routing: HashMap<String, String> = HashMap::new();
-        for (name, file) in map {
-            let file =
-                file.as_str().ok_or_else(|| Error::key(index, format!("weight_map.{name}"), "must be a file name"))?;
-            if !files.iter().any(|f| f == file) {
-                files.push(file.to_string());
-            }
-            routing.insert(name.clone(), file.to_string());
-        }
-        files.sort();
+        // Shards sorted by file name; each tensor routed to its shard's position.
+        let files: std::collections::BTreeSet<&str> = map.values().map(String::as_str).collect();
         let paths: Vec<PathBuf> = files.iter().map(|f| dir.join(f)).collect();
-        let routing = routing
-            .into_iter()
-            .map(|(name, file)| {
-                let shard = files.iter().position(|f| *f == file).unwrap_or_default();
-                (name, shard)
-            })
+        let routing = map
+            .iter()
+            .map(|(name, file)| (name.clone(), files.iter().position(|f| *f == file.as_str()).unwrap_or_default()))
             .collect();
         Self::assemble(&paths, Some(routing))
     }
@@ -235,6 +217,21 @@ impl Shard {
         #[cfg(not(unix))]
         let _ = (offset, len);
     }
+}
+
+/// An index's `weight_map`: tensor name → shard file name.
+pub(crate) fn read_weight_map(index: &Path) -> Result<std::collections::BTreeMap<String, String>> {
+    let value = crate::read_json(index)?;
+    let map = value
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| Error::key(index, "weight_map", "is missing or not an object"))?;
+    map.iter()
+        .map(|(name, file)| match file.as_str() {
+            Some(f) => Ok((name.clone(), f.to_string())),
+            None => Err(Error::key(index, format!("weight_map.{name}"), "must be a file name")),
+        })
+        .collect()
 }
 
 fn describe(e: &safetensors::SafeTensorError, len: usize) -> String {

@@ -98,12 +98,7 @@ pub fn resolve(source: &ModelSource, opts: &HubOptions) -> Result<PathBuf> {
 
 /// Shard files named by an index's `weight_map`.
 fn shards(index: &Path) -> Result<BTreeSet<String>> {
-    let text = std::fs::read_to_string(index).map_err(|source| Error::Io { path: index.to_path_buf(), source })?;
-    let v: serde_json::Value =
-        serde_json::from_str(&text).map_err(|source| Error::Json { path: index.to_path_buf(), source })?;
-    let map =
-        v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| Error::key(index, "weight_map", "is missing"))?;
-    Ok(map.values().filter_map(|f| f.as_str().map(String::from)).collect())
+    Ok(crate::checkpoint::read_weight_map(index)?.into_values().collect())
 }
 
 fn resolve_offline(repo: &str, revision: &str, cache_dir: &Path) -> Result<PathBuf> {

@@ -108,6 +108,12 @@ impl Default for LoadOptions {
     }
 }
 
+/// Reads and parses a JSON file; errors name the file.
+pub fn read_json(path: &Path) -> Result<serde_json::Value> {
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
+    serde_json::from_str(&text).map_err(|source| Error::Json { path: path.to_path_buf(), source })
+}
+
 /// Sets `RAYON_NUM_THREADS` to the number of CPUs this process may use, unless it is already set.
 ///
 /// Call it first thing in `main`, before any thread starts. Without the variable, candle 0.11
@@ -236,9 +242,7 @@ impl Step3Checkpoint {
         }
         let path = self.dir.join("preprocessor_config.json");
         if path.is_file() {
-            let text = std::fs::read_to_string(&path).map_err(|source| Error::Io { path: path.clone(), source })?;
-            let json: serde_json::Value =
-                serde_json::from_str(&text).map_err(|source| Error::Json { path: path.clone(), source })?;
+            let json = read_json(&path)?;
             let size = |key: &str| -> Result<Option<usize>> {
                 match json.get(key) {
                     None | Some(serde_json::Value::Null) => Ok(None),

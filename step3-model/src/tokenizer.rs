@@ -68,10 +68,7 @@ impl Step3Tokenizer {
             .map_err(|e| Error::Tokenizer { path: tokenizer_json.to_path_buf(), msg: e.to_string() })?;
         let mut tok = Self { inner, chat_template: None, bos_token: None, eos_token: None };
         if let Some(path) = tokenizer_config {
-            let text =
-                std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
-            let v: serde_json::Value =
-                serde_json::from_str(&text).map_err(|source| Error::Json { path: path.to_path_buf(), source })?;
+            let v = crate::read_json(path)?;
             tok.chat_template = match v.get("chat_template") {
                 None | Some(serde_json::Value::Null) => None,
                 Some(serde_json::Value::String(s)) => Some(s.clone()),
