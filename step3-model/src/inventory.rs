@@ -206,7 +206,10 @@ fn check_scale(
     };
     known.insert(name.clone());
     let info = ckpt.info(&name)?;
-    let want = scale_shape(&t.shape, q.weight_block_size);
+    let want = match step3_nn::BlockFp8::scale_dims(&t.shape, q.weight_block_size) {
+        Ok(want) => want,
+        Err(e) => return Some(e.into()),
+    };
     if info.shape != want {
         return Some(Error::TensorShape {
             name,
@@ -224,17 +227,6 @@ fn check_scale(
         });
     }
     None
-}
-
-/// Shape of the block scales of a weight: the last two dimensions divided by the block, rounded up.
-pub fn scale_shape(shape: &[usize], block: [usize; 2]) -> Vec<usize> {
-    let mut s = shape.to_vec();
-    let n = s.len();
-    if n >= 2 {
-        s[n - 2] = shape[n - 2].div_ceil(block[0]);
-        s[n - 1] = shape[n - 1].div_ceil(block[1]);
-    }
-    s
 }
 
 /// Expected tensors stored as block-FP8.

@@ -268,13 +268,8 @@ impl Step3Checkpoint {
             if let Some(s) = size("max_image_size")? {
                 cfg.max_image_size = s;
             }
-            match json.get("window_rule").and_then(|v| v.as_str()) {
-                None => {}
-                Some("<=") | Some("le") => cfg.window_rule = WindowRule::LessOrEqual,
-                Some("<") | Some("lt") => cfg.window_rule = WindowRule::Less,
-                Some(other) => {
-                    return Err(Error::key(&path, "window_rule", format!("must be \"<=\" or \"<\", found \"{other}\"")))
-                }
+            if let Some(rule) = json.get("window_rule").and_then(|v| v.as_str()) {
+                cfg.window_rule = rule.parse().map_err(|problem| Error::key(&path, "window_rule", problem))?;
             }
             if let Some(v) = json.get("enable_patch") {
                 cfg.enable_patch =

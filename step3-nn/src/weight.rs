@@ -140,12 +140,21 @@ fn tile_rows(cols: usize, align: usize) -> usize {
 /// makes on every call.
 fn half_matmul_t_tiled(xs: &Tensor, w: &Tensor) -> Result<Tensor> {
     let (rows, cols) = w.dims2()?;
-    let tile = tile_rows(cols, 1);
+    tiled_matmul_t(xs, rows, tile_rows(cols, 1), |start, n| w.narrow(0, start, n)?.to_dtype(DType::F32))
+}
+
+/// `xs [N, in] · Wᵀ` in f32 for a weight of `rows` rows that `widen(start, n)` produces as f32,
+/// `tile` rows at a time; the result is rounded back to `xs`'s dtype.
+fn tiled_matmul_t(
+    xs: &Tensor,
+    rows: usize,
+    tile: usize,
+    widen: impl Fn(usize, usize) -> Result<Tensor>,
+) -> Result<Tensor> {
     let xs32 = xs.to_dtype(DType::F32)?;
     let mut outs = Vec::with_capacity(rows.div_ceil(tile));
     for start in (0..rows).step_by(tile) {
-        let wt = w.narrow(0, start, tile.min(rows - start))?.to_dtype(DType::F32)?;
-        outs.push(xs32.matmul(&wt.t()?)?);
+        outs.push(xs32.matmul(&widen(start, tile.min(rows - start))?.t()?)?);
     }
     Tensor::cat(&outs, 1)?.to_dtype(xs.dtype())
 }
@@ -211,18 +220,11 @@ impl BlockFp8 {
     fn matmul_t_tiled(&self, xs: &Tensor) -> Result<Tensor> {
         let (rows, cols) = self.values.dims2()?;
         let b0 = self.block[0];
-        let tile = tile_rows(cols, b0);
         let op = Dequant { block: self.block, dtype: DType::F32, round_through: self.dtype };
-        let xs32 = xs.to_dtype(DType::F32)?;
-        let mut outs = Vec::with_capacity(rows.div_ceil(tile));
-        for start in (0..rows).step_by(tile) {
-            let n = tile.min(rows - start);
+        tiled_matmul_t(xs, rows, tile_rows(cols, b0), |start, n| {
             let values = self.values.narrow(0, start, n)?;
-            let scales = self.scale_inv.narrow(0, start / b0, n.div_ceil(b0))?;
-            let w = values.apply_op2_no_bwd(&scales, &op)?;
-            outs.push(xs32.matmul(&w.t()?)?);
-        }
-        Tensor::cat(&outs, 1)?.to_dtype(xs.dtype())
+            values.apply_op2_no_bwd(&self.scale_inv.narrow(0, start / b0, n.div_ceil(b0))?, &op)
+        })
     }
 
     /// Device-agnostic dequantisation with broadcasts (used off the CPU).

@@ -21,7 +21,7 @@ pub use preprocess::{
     PreprocessConfig, PreprocessedImage, WindowRule, CLIP_MEAN, CLIP_STD,
 };
 pub use resample::PillowPassOrder;
-pub use vit::{VisionConfig, VisionModel, VisionOutputs};
+pub use vit::{tokens_per_view, VisionConfig, VisionModel, VisionOutputs};
 
 /// Why an image cannot be used.
 #[derive(Debug, thiserror::Error)]

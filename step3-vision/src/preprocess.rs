@@ -29,6 +29,19 @@ pub enum WindowRule {
     Less,
 }
 
+impl std::str::FromStr for WindowRule {
+    type Err = String;
+
+    /// `<=` (or `le`) and `<` (or `lt`).
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "<=" | "le" => Ok(Self::LessOrEqual),
+            "<" | "lt" => Ok(Self::Less),
+            other => Err(format!("must be \"<=\" or \"<\", found \"{other}\"")),
+        }
+    }
+}
+
 /// Preprocessing settings. The defaults are Step3's; the tiny test checkpoints change only the
 /// final sizes (`image_size`, `crop_size`).
 #[derive(Debug, Clone, PartialEq)]
@@ -258,15 +271,17 @@ pub fn preprocess(img: &RgbImage, cfg: &PreprocessConfig) -> Result<Preprocessed
     let original_size = (w, h);
     // 1. Thin images: pad to a black square, original at the top-left.
     let aspect = w as f64 / h as f64;
-    let mut img = img.clone();
-    let mut square_padded = false;
-    if w.min(h) < 32 && !(0.25..=4.0).contains(&aspect) {
+    let square_padded = w.min(h) < 32 && !(0.25..=4.0).contains(&aspect);
+    let padded;
+    let img = if square_padded {
         let side = w.max(h);
         let mut sq = RgbImage::new(side, side);
-        image::imageops::replace(&mut sq, &img, 0, 0);
-        img = sq;
-        square_padded = true;
-    }
+        image::imageops::replace(&mut sq, img, 0, 0);
+        padded = sq;
+        &padded
+    } else {
+        img
+    };
     // 2. The size cap (the resize is always applied; a no-op at unchanged size).
     let (pw, ph) = (img.width() as usize, img.height() as usize);
     let (nw, nh) = if pw.max(ph) > cfg.max_image_size {
@@ -275,7 +290,7 @@ pub fn preprocess(img: &RgbImage, cfg: &PreprocessConfig) -> Result<Preprocessed
     } else {
         (pw, ph)
     };
-    let global = pil_resize_bilinear_with(&img, nw as u32, nh as u32, cfg.pillow_order);
+    let global = pil_resize_bilinear_with(img, nw as u32, nh as u32, cfg.pillow_order);
     // 3. Window and crops.
     let window = if cfg.enable_patch { window_size(nw.max(nh), nw.min(nh), cfg) } else { 0 };
     let mut geometry = Geometry {

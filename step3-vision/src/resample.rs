@@ -135,16 +135,15 @@ pub fn resize_aa(
     (oh, ow): (usize, usize),
     filter: AaFilter,
 ) -> Vec<f32> {
-    let mut cur = data.to_vec();
-    let mut cols = w;
-    if ow != w {
-        cur = aa_pass(&cur, (c, h, w), &aa_taps(w, ow, filter), true);
-        cols = ow;
+    let horizontal = (ow != w).then(|| aa_pass(data, (c, h, w), &aa_taps(w, ow, filter), true));
+    if oh == h {
+        return horizontal.unwrap_or_else(|| data.to_vec());
     }
-    if oh != h {
-        cur = aa_pass(&cur, (c, h, cols), &aa_taps(h, oh, filter), false);
-    }
-    cur
+    let (src, cols) = match &horizontal {
+        Some(t) => (t.as_slice(), ow),
+        None => (data, w),
+    };
+    aa_pass(src, (c, h, cols), &aa_taps(h, oh, filter), false)
 }
 
 fn resize_tensor(x: &Tensor, oh: usize, ow: usize, filter: AaFilter) -> Result<Tensor> {
@@ -249,15 +248,13 @@ pub fn pil_resize_bilinear_with(img: &RgbImage, ow: u32, oh: u32, order: PillowP
         return pil_resize_bilinear_with(&tall, ow, oh, order);
     }
     let vert = pil_coeffs(h, oh_);
-    let mut src: Vec<u8> = img.as_raw().clone();
-    let (mut cur_w, mut rows_offset, mut cur_h) = (w, 0usize, h);
-    if ow_ != w {
-        // Only the rows the vertical pass will read go through the horizontal pass.
+    // Horizontal pass, over only the rows the vertical pass will read.
+    let horizontal = (ow_ != w).then(|| {
         let first = vert.first().map_or(0, |(s, _)| *s);
         let last = vert.last().map_or(h, |(s, k)| s + k.len());
         let horiz = pil_coeffs(w, ow_);
-        let rows = last - first;
-        let mut tmp = vec![0u8; rows * ow_ * 3];
+        let src = img.as_raw();
+        let mut tmp = vec![0u8; (last - first) * ow_ * 3];
         tmp.par_chunks_mut(ow_ * 3).enumerate().for_each(|(y, dst)| {
             let row = &src[(y + first) * w * 3..(y + first + 1) * w * 3];
             for (x, (start, k)) in horiz.iter().enumerate() {
@@ -270,12 +267,16 @@ pub fn pil_resize_bilinear_with(img: &RgbImage, ow: u32, oh: u32, order: PillowP
                 }
             }
         });
-        src = tmp;
-        cur_w = ow_;
-        rows_offset = first;
-        cur_h = rows;
-    }
-    if oh_ != h {
+        (tmp, first)
+    });
+    let data = if oh_ == h {
+        // Only the width changes (nothing changing returned above).
+        horizontal.map_or_else(|| img.as_raw().clone(), |(tmp, _)| tmp)
+    } else {
+        let (src, cur_w, rows_offset) = match &horizontal {
+            Some((tmp, first)) => (tmp.as_slice(), ow_, *first),
+            None => (img.as_raw().as_slice(), w, 0),
+        };
         let mut out = vec![0u8; oh_ * cur_w * 3];
         out.par_chunks_mut(cur_w * 3).enumerate().for_each(|(y, dst)| {
             let (start, k) = &vert[y];
@@ -287,11 +288,9 @@ pub fn pil_resize_bilinear_with(img: &RgbImage, ow: u32, oh: u32, order: PillowP
                 dst[x] = clip8(ss);
             }
         });
-        src = out;
-        cur_h = oh_;
-    }
-    debug_assert_eq!(cur_h, oh_);
-    RgbImage::from_raw(ow, oh, src).unwrap_or_else(|| RgbImage::new(ow, oh))
+        out
+    };
+    RgbImage::from_raw(ow, oh, data).unwrap_or_else(|| RgbImage::new(ow, oh))
 }
 
 #[cfg(test)]

@@ -41,14 +41,20 @@ impl VisionConfig {
     /// Image tokens one view of `size` pixels turns into: `g = size/p; h1 = (g − 2)/stride + 1;
     /// h2 = (h1 − 1)/2 + 1; h2²` (169 for 728 px, 81 for 504 px).
     pub fn tokens_per_view(&self, size: usize) -> usize {
-        let g = self.grid(size);
-        if g < 2 {
-            return 0;
-        }
-        let h1 = (g - 2) / self.projector_stride + 1;
-        let h2 = (h1 - 1) / 2 + 1;
-        h2 * h2
+        tokens_per_view(size, self.patch_size, self.projector_stride)
     }
+}
+
+/// [`VisionConfig::tokens_per_view`] from the two sizes it depends on: the ViT's `patch_size` and
+/// the first downsampler's `projector_stride`.
+pub fn tokens_per_view(size: usize, patch_size: usize, projector_stride: usize) -> usize {
+    let g = size / patch_size;
+    if g < 2 {
+        return 0;
+    }
+    let h1 = (g - 2) / projector_stride + 1;
+    let h2 = (h1 - 1) / 2 + 1;
+    h2 * h2
 }
 
 /// Intermediate results of one forward pass, for tests and diagnostics.

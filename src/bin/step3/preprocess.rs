@@ -44,21 +44,7 @@ fn tokens(size: usize, patch: usize, stride: usize, what: &str) -> Result<usize>
     if size % patch != 0 || size / patch < 2 {
         bail!("the {what} {size} is not a multiple of the ViT patch size {patch}: pass --model-dir, or --patch-size for the model you preprocess for");
     }
-    let cfg = vision::VisionConfig {
-        hidden_size: 1,
-        intermediate_size: 1,
-        num_hidden_layers: 0,
-        num_attention_heads: 1,
-        num_channels: 3,
-        image_size: size,
-        patch_size: patch,
-        layer_norm_eps: 1e-6,
-        output_hidden_size: 1,
-        projector_stride: stride,
-        projector_bias: false,
-        text_hidden_size: 1,
-    };
-    Ok(cfg.tokens_per_view(size))
+    Ok(vision::tokens_per_view(size, patch, stride))
 }
 
 pub fn run(a: PreprocessArgs) -> Result<ExitCode> {
@@ -76,10 +62,9 @@ pub fn run(a: PreprocessArgs) -> Result<ExitCode> {
     if let Some(s) = a.crop_size {
         cfg.crop_size = s;
     }
-    cfg.window_rule = match a.window_rule.as_str() {
-        "<=" | "le" => WindowRule::LessOrEqual,
-        "<" | "lt" => WindowRule::Less,
-        other => bail!("--window-rule must be `<=` or `<`, not `{other}`"),
+    cfg.window_rule = match a.window_rule.parse::<WindowRule>() {
+        Ok(rule) => rule,
+        Err(_) => bail!("--window-rule must be `<=` or `<`, not `{}`", a.window_rule),
     };
     cfg.enable_patch = !a.no_crops;
     let layout_sizes =

@@ -5,23 +5,18 @@
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Result, Shape, Tensor};
-use step3::inventory::{scale_shape, text_tensors};
-use step3::TextConfig;
+use step3::inventory::text_tensors;
+use step3::{BlockFp8, TextConfig};
 
 pub struct Synthetic {
-    shapes: HashMap<String, Vec<usize>>,
-    quantizable: HashMap<String, bool>,
+    /// Every tensor's shape and whether it may be stored as block-FP8.
+    tensors: HashMap<String, (Vec<usize>, bool)>,
     fp8: bool,
 }
 
 impl Synthetic {
     pub fn new(cfg: &TextConfig, fp8: bool) -> Self {
-        let all = text_tensors(cfg);
-        Self {
-            shapes: all.iter().map(|t| (t.name.clone(), t.shape.clone())).collect(),
-            quantizable: all.iter().map(|t| (t.name.clone(), t.quantizable)).collect(),
-            fp8,
-        }
+        Self { tensors: text_tensors(cfg).into_iter().map(|t| (t.name, (t.shape, t.quantizable))).collect(), fp8 }
     }
 
     fn make(&self, name: &str, shape: &[usize], dtype: DType, dev: &Device) -> Result<Tensor> {
@@ -46,19 +41,18 @@ impl candle_nn::var_builder::SimpleBackend for Synthetic {
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> Result<Tensor> {
+        let unknown = || candle_core::Error::Msg(format!("synthetic weights: unknown tensor {name}"));
         let shape = match name.strip_suffix("_scale_inv") {
-            Some(weight) => self.shapes.get(weight).map(|s| scale_shape(s, [128, 128])),
-            None => self.shapes.get(name).cloned(),
+            Some(weight) => BlockFp8::scale_dims(&self.tensors.get(weight).ok_or_else(unknown)?.0, [128, 128])?,
+            None => self.tensors.get(name).ok_or_else(unknown)?.0.clone(),
         };
-        let shape =
-            shape.ok_or_else(|| candle_core::Error::Msg(format!("synthetic weights: unknown tensor {name}")))?;
         self.make(name, &shape, dtype, dev)
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
         match name.strip_suffix("_scale_inv") {
-            Some(weight) => self.fp8 && self.quantizable.get(weight).copied().unwrap_or(false),
-            None => self.shapes.contains_key(name),
+            Some(weight) => self.fp8 && self.tensors.get(weight).is_some_and(|(_, q)| *q),
+            None => self.tensors.contains_key(name),
         }
     }
 }
