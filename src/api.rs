@@ -28,9 +28,9 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 use step3_model::hub::{self, HubOptions, ModelSource};
 use step3_model::{
-    ChatTemplate, Detokenizer, Error, FinishReason, Fp8Storage, Generator, LoadOptions, LoadProgress, Message,
-    OutputEvent, OutputParser, PreprocessedImage, Result, SamplingParams, Stats, Step3Checkpoint, Step3Model,
-    Step3Tokenizer, StopStrings, ToolCall,
+    ChatTemplate, Error, FinishReason, Fp8Storage, GenerateOptions, GenerationConfig, Generator, LoadOptions,
+    LoadProgress, Message, OutputEvent, PreprocessedImage, Result, SamplingParams, Stats, Step3Checkpoint, Step3Model,
+    Step3Tokenizer, TextDecoder, ToolCall,
 };
 
 use crate::{DType, Device};
@@ -38,13 +38,20 @@ use crate::{DType, Device};
 /// Builds a [`Step3`] from a repo id or a directory.
 #[derive(Debug, Clone)]
 pub struct Step3Builder {
-    source: String,
+    source: BuilderSource,
     device: Device,
-    dtype: DType,
+    dtype: Option<DType>,
     fp8: Fp8Storage,
     crop_size: Option<usize>,
     hub: HubOptions,
     progress: Option<LoadProgress>,
+}
+
+/// What a builder loads: a string to parse (repo id or path) or a directory.
+#[derive(Debug, Clone)]
+enum BuilderSource {
+    Spec(String),
+    Dir(PathBuf),
 }
 
 impl Step3Builder {
@@ -53,9 +60,10 @@ impl Step3Builder {
         self
     }
 
-    /// Compute dtype: f32, bf16 (default) or f16.
+    /// Compute dtype: f32, bf16 or f16. Default: the fastest exact one for the device, see
+    /// [`default_dtype`].
     pub fn dtype(mut self, dtype: DType) -> Self {
-        self.dtype = dtype;
+        self.dtype = Some(dtype);
         self
     }
 
@@ -94,12 +102,15 @@ impl Step3Builder {
     /// Resolves the source (downloading what is missing unless offline), checks and loads the
     /// weights, the tokenizer and the chat template.
     pub fn build(self) -> Result<Step3> {
-        let source = ModelSource::parse(&self.source)?;
+        let source = match self.source {
+            BuilderSource::Spec(s) => ModelSource::parse(&s)?,
+            BuilderSource::Dir(d) => ModelSource::Dir(d),
+        };
         let dir = hub::resolve(&source, &self.hub)?;
         Step3::load_dir(
             &dir,
             &LoadOptions {
-                dtype: self.dtype,
+                dtype: self.dtype.unwrap_or_else(|| default_dtype(&self.device)),
                 device: self.device,
                 fp8: self.fp8,
                 crop_size: self.crop_size,
@@ -109,35 +120,13 @@ impl Step3Builder {
     }
 }
 
-/// Options of one generation.
-#[derive(Debug, Clone, PartialEq)]
-pub struct GenerateOptions {
-    /// 0 = greedy. Default: the checkpoint's `generation_config.json`, else 0.7.
-    pub temperature: Option<f64>,
-    pub top_p: Option<f64>,
-    pub top_k: Option<usize>,
-    pub seed: u64,
-    pub max_new_tokens: usize,
-    /// 1.0 disables it.
-    pub repetition_penalty: f32,
-    /// Generation ends before any of these strings (they are not part of the answer).
-    pub stop: Vec<String>,
-    /// Keep generating past end-of-turn tokens.
-    pub ignore_eos: bool,
-}
-
-impl Default for GenerateOptions {
-    fn default() -> Self {
-        Self {
-            temperature: None,
-            top_p: None,
-            top_k: None,
-            seed: 299792458,
-            max_new_tokens: 1024,
-            repetition_penalty: 1.0,
-            stop: Vec::new(),
-            ignore_eos: false,
-        }
+/// The compute dtype used when none is given: f32 on the CPU (candle's fastest exact CPU dtype
+/// until bf16 CPU kernels catch up), bf16 on CUDA.
+pub fn default_dtype(device: &Device) -> DType {
+    if device.is_cpu() {
+        DType::F32
+    } else {
+        DType::BF16
     }
 }
 
@@ -164,28 +153,34 @@ pub struct Response {
     pub stats: Stats,
 }
 
-/// Step3, ready to chat: the model, its tokenizer and its chat format.
+/// Step3, ready to chat: the model, its tokenizer and chat format, and its generation settings.
 #[derive(Debug)]
 pub struct Step3 {
     model: Step3Model,
-    tokenizer: Step3Tokenizer,
-    template: ChatTemplate,
-    /// End-of-turn ids: config, generation_config.json, `<|EOT|>` and `<｜end▁of▁sentence｜>`.
-    eos: Vec<u32>,
-    /// `generation_config.json` defaults.
-    default_temperature: f64,
-    default_top_p: Option<f64>,
-    default_top_k: Option<usize>,
+    /// `None` for a checkpoint without `tokenizer.json` (token ids in, token ids out).
+    tokenizer: Option<Step3Tokenizer>,
+    template: Option<ChatTemplate>,
+    generation: GenerationConfig,
     dir: PathBuf,
 }
 
 impl Step3 {
-    /// Starts a builder for a repo id (`stepfun-ai/step3`, `owner/name@revision`) or a directory.
+    /// Starts a builder for a repo id (`stepfun-ai/step3`, `owner/name@revision`) or a directory
+    /// (a source that looks like a path is never sent to the hub).
     pub fn from_pretrained(source: impl Into<String>) -> Step3Builder {
+        Self::builder(BuilderSource::Spec(source.into()))
+    }
+
+    /// Starts a builder for a local model directory (e.g. [`crate::demo::demo_dir`]).
+    pub fn from_dir(dir: impl Into<PathBuf>) -> Step3Builder {
+        Self::builder(BuilderSource::Dir(dir.into()))
+    }
+
+    fn builder(source: BuilderSource) -> Step3Builder {
         Step3Builder {
-            source: source.into(),
+            source,
             device: Device::Cpu,
-            dtype: DType::BF16,
+            dtype: None,
             fp8: Fp8Storage::Compact,
             crop_size: None,
             hub: HubOptions::from_env(),
@@ -193,49 +188,26 @@ impl Step3 {
         }
     }
 
-    /// Loads a local directory.
+    /// Loads a local directory. Without `tokenizer.json` the model still runs on token ids
+    /// ([`Self::complete`]); chat needs the tokenizer.
     pub fn load_dir(dir: &Path, opts: &LoadOptions) -> Result<Self> {
-        let tokenizer = Step3Tokenizer::from_dir(dir)?;
-        let template = ChatTemplate::for_tokenizer(&tokenizer)?;
         let ckpt = Step3Checkpoint::open(dir)?;
-        let model = ckpt.load(opts)?;
-        let mut eos = ckpt.config().eos_token_ids.clone();
-        let gen = read_json(&dir.join("generation_config.json"))?;
-        if let Some(g) = &gen {
-            match g.get("eos_token_id") {
-                Some(serde_json::Value::Array(ids)) => {
-                    eos.extend(ids.iter().filter_map(|v| v.as_u64()).map(|v| v as u32))
-                }
-                Some(v) => eos.extend(v.as_u64().map(|v| v as u32)),
-                None => {}
-            }
-        }
-        eos.extend(
-            [step3_model::tokenizer::EOT, step3_model::tokenizer::EOS].iter().filter_map(|t| tokenizer.token_id(t)),
-        );
-        eos.sort_unstable();
-        eos.dedup();
+        let tokenizer = if dir.join("tokenizer.json").is_file() { Some(Step3Tokenizer::from_dir(dir)?) } else { None };
+        let template = tokenizer.as_ref().map(ChatTemplate::for_tokenizer).transpose()?;
+        let generation = GenerationConfig::load(dir, ckpt.config(), tokenizer.as_ref())?;
         // Image markers must agree between the tokenizer and config.json.
-        if let (Some(cfg), Some(tok)) = (model.image_token_id, tokenizer.token_id("<im_patch>")) {
+        let image_id = ckpt.config().image_token_id;
+        if let (Some(cfg), Some(tok)) = (image_id, tokenizer.as_ref().and_then(|t| t.token_id("<im_patch>"))) {
             if cfg != tok {
-                return Err(Error::ConfigKey {
-                    path: ckpt.config().path.clone(),
-                    key: "image_token_id".into(),
-                    problem: format!("is {cfg}, but the tokenizer's <im_patch> is {tok}"),
-                });
+                return Err(Error::key(
+                    &ckpt.config().path,
+                    "image_token_id",
+                    format!("is {cfg}, but the tokenizer's <im_patch> is {tok}"),
+                ));
             }
         }
-        let num = |k: &str| gen.as_ref().and_then(|g| g.get(k)).and_then(|v| v.as_f64());
-        Ok(Self {
-            model,
-            tokenizer,
-            template,
-            eos,
-            default_temperature: num("temperature").unwrap_or(0.7),
-            default_top_p: num("top_p").filter(|p| *p < 1.0),
-            default_top_k: num("top_k").map(|k| k as usize).filter(|k| *k > 0),
-            dir: dir.to_path_buf(),
-        })
+        let model = ckpt.load(opts)?;
+        Ok(Self { model, tokenizer, template, generation, dir: dir.to_path_buf() })
     }
 
     /// Where the model's files are.
@@ -247,60 +219,83 @@ impl Step3 {
         &self.model
     }
 
-    pub fn tokenizer(&self) -> &Step3Tokenizer {
-        &self.tokenizer
+    /// The checkpoint's stop tokens and sampling defaults.
+    pub fn generation_config(&self) -> &GenerationConfig {
+        &self.generation
+    }
+
+    /// The tokenizer, or an error naming the missing file.
+    pub fn tokenizer(&self) -> Result<&Step3Tokenizer> {
+        self.tokenizer.as_ref().ok_or_else(|| {
+            Error::Input(format!(
+                "{} has no tokenizer.json: give token ids, or add the checkpoint's tokenizer files",
+                self.dir.display()
+            ))
+        })
     }
 
     /// The prompt text a conversation becomes (with the generation prompt).
     pub fn render(&self, messages: &[Message]) -> Result<String> {
-        self.template.render(messages, true)
+        self.tokenizer()?;
+        match &self.template {
+            Some(t) => t.render(messages, true),
+            None => Err(Error::Input("this checkpoint has no chat template".into())),
+        }
     }
 
     /// Prompt token ids of a conversation, images expanded to their full layouts, and the
     /// preprocessed images in prompt order.
     pub fn prompt(&self, messages: &[Message]) -> Result<(Vec<u32>, Vec<PreprocessedImage>)> {
-        let (_, ids, images) = self.prepare(messages)?;
+        let (ids, images, _) = self.prepare(messages)?;
         Ok((ids, images))
     }
 
-    /// The rendered prompt text, its token ids (images expanded) and the preprocessed images.
-    fn prepare(&self, messages: &[Message]) -> Result<(String, Vec<u32>, Vec<PreprocessedImage>)> {
+    /// [`Self::prompt`], and whether the rendered prompt opens the reasoning (ends in `<think>`).
+    fn prepare(&self, messages: &[Message]) -> Result<(Vec<u32>, Vec<PreprocessedImage>, bool)> {
         if messages.iter().all(|m| m.text.trim().is_empty() && m.images.is_empty()) {
             return Err(Error::Input("the prompt is empty".into()));
         }
         let text = self.render(messages)?;
-        let ids = self.tokenizer.encode(&text)?;
-        let paths: Vec<&PathBuf> = messages.iter().flat_map(|m| &m.images).collect();
-        if paths.is_empty() {
-            return Ok((text, ids, Vec::new()));
-        }
-        let images = paths.iter().map(|p| self.model.load_image(p)).collect::<Result<Vec<_>>>()?;
-        let ids = self.model.expand_placeholders(&ids, &images, &self.tokenizer.image_token_ids()?)?;
-        Ok((text, ids, images))
+        let (ids, images) = self.encode(&text, messages.iter().flat_map(|m| &m.images))?;
+        Ok((ids, images, text.trim_end().ends_with(step3_model::tokenizer::THINK)))
     }
 
-    fn sampling(&self, opts: &GenerateOptions) -> SamplingParams {
-        SamplingParams {
-            temperature: opts.temperature.unwrap_or(self.default_temperature),
-            top_p: opts.top_p.or(self.default_top_p),
-            top_k: opts.top_k.or(self.default_top_k),
-            seed: opts.seed,
-            max_new_tokens: opts.max_new_tokens,
-            stop_token_ids: if opts.ignore_eos { Vec::new() } else { self.eos.clone() },
-            repetition_penalty: opts.repetition_penalty,
-            ..Default::default()
+    /// Token ids of raw text (no chat template) with `images` filling its `<im_patch>`
+    /// placeholders, and the preprocessed images. One `<im_patch>` per image is expanded to the
+    /// image's whole layout; text without any gets one per image in front, as a chat message does.
+    pub fn encode<'p>(
+        &self,
+        text: &str,
+        images: impl IntoIterator<Item = &'p PathBuf>,
+    ) -> Result<(Vec<u32>, Vec<PreprocessedImage>)> {
+        let tok = self.tokenizer()?;
+        let images = images.into_iter().map(|p| self.model.load_image(p)).collect::<Result<Vec<_>>>()?;
+        if images.is_empty() {
+            return Ok((tok.encode(text)?, images));
         }
+        const PLACEHOLDER: &str = "<im_patch>";
+        let ids = match text.contains(PLACEHOLDER) {
+            true => tok.encode(text)?,
+            false => tok.encode(&format!("{}{text}", PLACEHOLDER.repeat(images.len())))?,
+        };
+        let ids = self.model.expand_placeholders(&ids, &images, &tok.image_token_ids()?)?;
+        Ok((ids, images))
+    }
+
+    /// The resolved settings of a request (its own, else the checkpoint's, else the defaults).
+    pub fn sampling(&self, opts: &GenerateOptions) -> SamplingParams {
+        self.generation.sampling(opts)
     }
 
     /// Streams the answer to `messages` as [`Event`]s.
     pub fn stream<'a>(&'a self, messages: &[Message], opts: &GenerateOptions) -> Result<Stream<'a>> {
-        let (text, ids, images) = self.prepare(messages)?;
-        let opens_reasoning = text.trim_end().ends_with(step3_model::tokenizer::THINK);
+        let (ids, images, opens_reasoning) = self.prepare(messages)?;
         self.stream_ids(&ids, &images, opens_reasoning, opts)
     }
 
     /// Streams a continuation of raw prompt token ids (no chat template), with `images` filling
     /// the prompt's `<im_patch>` placeholders. `opens_reasoning`: the prompt ends inside `<think>`.
+    /// Without a tokenizer the events carry no text, only the final [`Event::Done`].
     pub fn stream_ids<'a>(
         &'a self,
         ids: &[u32],
@@ -308,14 +303,14 @@ impl Step3 {
         opens_reasoning: bool,
         opts: &GenerateOptions,
     ) -> Result<Stream<'a>> {
+        let params = self.sampling(opts);
+        params.validate()?;
         let embeds = self.model.embed(ids, images)?;
-        let generator = Generator::new(&self.model.text, ids, Some(embeds), &self.sampling(opts))?;
+        let generator = Generator::new(&self.model.text, ids, Some(embeds), &params)?;
         Ok(Stream {
             owner: self,
             generator,
-            detok: Detokenizer::new(),
-            stops: StopStrings::new(opts.stop.clone()),
-            parser: OutputParser::new(opens_reasoning),
+            decoder: TextDecoder::new(opts.stop.clone(), opens_reasoning),
             queue: VecDeque::new(),
             done: false,
         })
@@ -372,20 +367,11 @@ fn collect(mut stream: Stream<'_>, mut on_event: impl FnMut(&Event) -> ControlFl
     Err(Error::Input("generation ended without its final event".into()))
 }
 
-fn read_json(path: &Path) -> Result<Option<serde_json::Value>> {
-    if !path.is_file() {
-        return Ok(None);
-    }
-    step3_model::read_json(path).map(Some)
-}
-
 /// A generation in progress, yielding [`Event`]s; the last one is [`Event::Done`].
 pub struct Stream<'a> {
     owner: &'a Step3,
     generator: Generator<'a>,
-    detok: Detokenizer,
-    stops: StopStrings,
-    parser: OutputParser,
+    decoder: TextDecoder,
     queue: VecDeque<Event>,
     done: bool,
 }
@@ -405,32 +391,22 @@ impl Stream<'_> {
     }
 
     fn step(&mut self) -> Result<()> {
-        let tok = &self.owner.tokenizer;
-        match self.generator.next_token()? {
-            Some(id) if matches!(self.generator.finish_reason(), Some(FinishReason::Stop(s)) if s == id) => {}
-            Some(id) => {
-                if let Some(text) = self.detok.push(tok, id)? {
-                    let (safe, hit) = self.stops.push(&text);
-                    let events = self.parser.push(&safe);
-                    self.push_events(events);
-                    if hit {
-                        self.generator.stop(FinishReason::StopString);
-                    }
+        let tok = self.owner.tokenizer.as_ref();
+        match (self.generator.next_token()?, tok) {
+            (Some(id), _) if matches!(self.generator.finish_reason(), Some(FinishReason::Stop(s)) if s == id) => {}
+            (Some(id), Some(tok)) => {
+                let events = self.decoder.push(tok, id)?;
+                self.push_events(events);
+                if self.decoder.hit_stop_string() {
+                    self.generator.stop(FinishReason::StopString);
                 }
             }
-            None => {
-                // The end: release what the detokenizer and the stop strings held back.
-                if self.generator.finish_reason() != Some(FinishReason::StopString) {
-                    let tail = self.detok.flush(tok)?.unwrap_or_default();
-                    let (mut text, hit) = self.stops.push(&tail);
-                    if !hit {
-                        text.push_str(&self.stops.flush());
-                    }
-                    let events = self.parser.push(&text);
+            (Some(_), None) => {}
+            (None, tok) => {
+                if let Some(tok) = tok {
+                    let events = self.decoder.finish(tok)?;
                     self.push_events(events);
                 }
-                let events = self.parser.finish();
-                self.push_events(events);
                 self.queue.push_back(Event::Done(self.generator.stats()));
                 self.done = true;
             }

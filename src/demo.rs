@@ -205,17 +205,19 @@ fn legible(name: &str, shape: &[usize], mut v: Vec<f32>) -> Vec<f32> {
     v
 }
 
+/// Writes `v` as pretty JSON (with a final newline) to `dir/name`.
+fn write_json(dir: &Path, name: &str, v: &serde_json::Value) -> Result<()> {
+    let path = dir.join(name);
+    let text = serde_json::to_string_pretty(v).map_err(|e| step3_model::Error::Input(format!("{name}: {e}")))?;
+    std::fs::write(&path, text + "\n").map_err(|e| step3_model::Error::io(path, e))
+}
+
 /// Writes `tokenizer.json` (byte-level, Step3's specials at `specials`) and `tokenizer_config.json`
 /// (BOS/EOS strings and the chat template) into `dir`.
 pub fn write_tokenizer(dir: &Path, specials: &[(&str, u32)]) -> Result<()> {
-    let write = |name: &str, v: &serde_json::Value| -> Result<()> {
-        let path = dir.join(name);
-        let text = serde_json::to_string_pretty(v)
-            .map_err(|source| step3_model::Error::Json { path: path.clone(), source })?;
-        std::fs::write(&path, text + "\n").map_err(|source| step3_model::Error::Io { path: path.clone(), source })
-    };
-    write("tokenizer.json", &tokenizer_json(specials))?;
-    write(
+    write_json(dir, "tokenizer.json", &tokenizer_json(specials))?;
+    write_json(
+        dir,
         "tokenizer_config.json",
         &json!({"bos_token": SPECIAL_TOKENS[0], "eos_token": "<|EOT|>", "chat_template": CHAT_TEMPLATE, "model_max_length": 4096}),
     )
@@ -224,14 +226,8 @@ pub fn write_tokenizer(dir: &Path, specials: &[(&str, u32)]) -> Result<()> {
 /// Writes the demo checkpoint (config, tokenizer, chat template, generation and preprocessing
 /// settings, random f32 weights) into `dir`.
 pub fn write_demo(dir: &Path) -> Result<()> {
-    let io = |path: PathBuf| move |source| step3_model::Error::Io { path: path.clone(), source };
-    std::fs::create_dir_all(dir).map_err(io(dir.to_path_buf()))?;
-    let write = |name: &str, v: &serde_json::Value| -> Result<()> {
-        let path = dir.join(name);
-        let text = serde_json::to_string_pretty(v)
-            .map_err(|source| step3_model::Error::Json { path: path.clone(), source })?;
-        std::fs::write(&path, text + "\n").map_err(io(path.clone()))
-    };
+    std::fs::create_dir_all(dir).map_err(|e| step3_model::Error::io(dir, e))?;
+    let write = |name: &str, v: &serde_json::Value| write_json(dir, name, v);
     let cfg = config();
     write("config.json", &cfg)?;
     write_tokenizer(dir, &demo_special_ids())?;
@@ -250,7 +246,7 @@ pub fn write_demo(dir: &Path) -> Result<()> {
         .as_ref()
         .ok_or_else(|| step3_model::Error::Input("the demo config lacks vision_config".into()))?;
     let mut expected = text_tensors(&parsed.text);
-    expected.extend(vision_tensors(vision, vision.intermediate_size.unwrap_or(64), parsed.text.hidden_size));
+    expected.extend(vision_tensors(vision, vision.intermediate_size.unwrap_or(64)));
     let mut rng = Rng(0x5EED_57E9_0003);
     let mut tensors = BTreeMap::new();
     for t in expected {
@@ -280,6 +276,6 @@ pub fn write_demo(dir: &Path) -> Result<()> {
          (deterministic; `cargo test --test demo` checks these files are what it writes). Its answers are noise:\n\
          it exists so that `cargo run --example chat` runs offline in seconds.\n",
     )
-    .map_err(io(dir.join("README.md")))?;
+    .map_err(|e| step3_model::Error::io(dir.join("README.md"), e))?;
     Ok(())
 }

@@ -1,17 +1,19 @@
 //! step3-rs: pure-Rust inference for StepFun's Step3 on candle.
 //!
-//! This facade re-exports what users of the library need; the model math lives in the workspace
-//! crates ([`step3_model`], `step3-mfa`, `step3-moe`, `step3-nn`). It also carries [`verify`], the
-//! golden-fixture checker behind `step3 verify`.
+//! This facade is the library people embed: [`Step3`] (load a checkpoint from the hub, a
+//! directory or the cache; chat, stream, complete token ids), the bundled [`demo`] checkpoint, and
+//! re-exports of the layers below. It composes and adds no model math: that lives in
+//! [`step3_model`] and the crates under it (`step3-mfa`, `step3-moe`, `step3-vision`, `step3-nn`,
+//! `step3-config`). Command-line parsing, benchmarks and the golden checker live in the
+//! `step3-cli` package, so a program that depends on `step3` compiles none of them.
 
 pub use candle_core::{DType, Device};
 pub use step3_model::*;
 
 mod api;
 pub mod demo;
-pub mod verify;
 
-pub use api::{Event, GenerateOptions, Response, Step3, Step3Builder, Stream};
+pub use api::{default_dtype, Event, Response, Step3, Step3Builder, Stream};
 
 /// A compute dtype from its name: `f32`, `bf16` or `f16` (long forms accepted).
 pub fn parse_dtype(s: &str) -> Result<DType> {

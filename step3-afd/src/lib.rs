@@ -7,7 +7,7 @@
 //! peak FLOP/s and memory bandwidth ([`Accelerator`]); the cost of attention (the roofline maximum
 //! of compute and memory, plus the linear part) and of the FFN per 1M tokens, the cheapest AFD
 //! pairing, and the minimum MoE sparsity an accelerator needs (the paper's §5.3–5.4) ([`cost`]).
-//! Models come from a Step3-style `config.json` (the model crate's parser) or from built-in
+//! Models come from a Step3-style `config.json` (parsed by `step3-config`, so no tensor library is built) or from built-in
 //! presets of the models the paper compares ([`presets`]), each documented with its public source.
 //! It does not run models; the AFD runtime that this model will size comes later.
 //!

@@ -1,5 +1,5 @@
 use serde::Serialize;
-use step3_model::TextConfig;
+use step3_config::TextConfig;
 
 /// How one group of identical layers attends.
 #[derive(Debug, Clone, PartialEq, Serialize)]

@@ -175,7 +175,7 @@ fn table_7_minimum_moe_sparsity() {
 #[test]
 fn the_real_step3_config_gives_the_preset_numbers() {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../configs/step3/config.json");
-    let cfg = step3_model::Step3Config::from_file(&path).unwrap();
+    let cfg = step3_config::Step3Config::from_file(&path).unwrap();
     let parsed = ModelSpec::from_text_config("step3", "Step-3", &cfg.text, 1);
     let preset = presets::step3();
     for c in [1, CTX_8K, CTX_32K, 65536] {

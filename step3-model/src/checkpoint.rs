@@ -187,10 +187,10 @@ impl Checkpoint {
 
 impl Shard {
     fn open(path: &Path) -> Result<(Self, HashMap<String, TensorInfo>)> {
-        let file = std::fs::File::open(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
+        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
         // SAFETY: the mapping is read-only; as with every mmap-based loader, the file must not be
         // truncated by another process while the checkpoint is open.
-        let mmap = unsafe { Mmap::map(&file) }.map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
         let (header_len, meta) = safetensors::SafeTensors::read_metadata(&mmap)
             .map_err(|e| Error::BadSafetensors { path: path.to_path_buf(), reason: describe(&e, mmap.len()) })?;
         let header = meta

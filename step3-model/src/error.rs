@@ -7,21 +7,17 @@ use candle_core::DType;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    #[error("{}: {source}", path.display())]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{}: not valid JSON: {source}", path.display())]
-    Json {
-        path: PathBuf,
-        #[source]
-        source: serde_json::Error,
-    },
-    /// A config key is missing, has the wrong type or an unsupported value.
-    #[error("{}: key `{key}` {problem}", path.display())]
-    ConfigKey { path: PathBuf, key: String, problem: String },
+    /// A file or directory that cannot be read (the message holds the cause once; it is not
+    /// repeated as a `source`, so error chains print it once).
+    #[error("{}: {error}", path.display())]
+    Io { path: PathBuf, error: std::io::Error },
+    /// A config file that is unreadable, not JSON, or has a bad key (named).
+    #[error(transparent)]
+    Config(#[from] step3_config::ConfigError),
+    #[error("no such model directory: {}", dir.display())]
+    NoModelDir { dir: PathBuf },
+    #[error("{} has no config.json: it is not a Step3 checkpoint directory", dir.display())]
+    NoConfig { dir: PathBuf },
     #[error(
         "no checkpoint in {}: expected model.safetensors or model.safetensors.index.json",
         dir.display()
@@ -47,12 +43,8 @@ pub enum Error {
     /// An image that cannot be used (the error names the file when it has one).
     #[error(transparent)]
     Vision(#[from] step3_vision::VisionError),
-    #[error("{}: {source}", path.display())]
-    ImageFile {
-        path: PathBuf,
-        #[source]
-        source: step3_vision::VisionError,
-    },
+    #[error("{}: {error}", path.display())]
+    ImageFile { path: PathBuf, error: step3_vision::VisionError },
     #[error("{}: {msg}", path.display())]
     Tokenizer { path: PathBuf, msg: String },
     #[error("the tokenizer has no `{token}` token, and {why}")]
@@ -72,7 +64,13 @@ pub enum Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
-    pub(crate) fn key(path: impl Into<PathBuf>, key: impl Into<String>, problem: impl Into<String>) -> Self {
-        Error::ConfigKey { path: path.into(), key: key.into(), problem: problem.into() }
+    /// A problem with `key` of the configuration file at `path`.
+    pub fn key(path: impl Into<PathBuf>, key: impl Into<String>, problem: impl Into<String>) -> Self {
+        Error::Config(step3_config::ConfigError::key(path, key, problem))
+    }
+
+    /// A file that cannot be read.
+    pub fn io(path: impl Into<PathBuf>, error: std::io::Error) -> Self {
+        Error::Io { path: path.into(), error }
     }
 }

@@ -1,17 +1,31 @@
-//! Token generation on top of [`Step3TextModel`]: sampling settings, the prefill + KV-cached
-//! decode loop as a resumable [`Generator`] (one token per call, so callers can stream), stop
-//! tokens, repetition penalty and timing.
+//! Token generation on top of [`Step3TextModel`]: the one default set of sampling settings,
+//! the checkpoint's stop tokens and defaults ([`GenerationConfig`]), the prefill + KV-cached
+//! decode loop as a resumable [`Generator`] (one token per call, so callers can stream), and
+//! timing.
 
 use std::time::{Duration, Instant};
 
+use std::path::Path;
+
 use candle_core::{IndexOp, Tensor};
-use candle_transformers::generation::{LogitsProcessor, Sampling};
 use serde::Serialize;
 
+use crate::sampling::{Sampled, Sampler};
 use crate::text::{Step3Cache, Step3TextModel};
-use crate::{Error, Result};
+use crate::{Error, Result, Step3Config, Step3Tokenizer};
 
-/// How the next token is chosen and when generation stops.
+/// The seed of every sampler unless a request sets its own.
+pub const DEFAULT_SEED: u64 = 299_792_458;
+/// New tokens per request unless it says otherwise (always also bounded by the context).
+pub const DEFAULT_MAX_NEW_TOKENS: usize = 1024;
+/// Tokens the repetition penalty looks back over.
+pub const DEFAULT_REPEAT_LAST_N: usize = 64;
+
+/// How the next token is chosen and when generation stops: the resolved settings of one request.
+///
+/// The defaults are the one default set of the project: greedy, [`DEFAULT_SEED`],
+/// [`DEFAULT_MAX_NEW_TOKENS`], no penalty, no stop tokens. A checkpoint's `generation_config.json`
+/// changes the sampling defaults of chat requests (see [`GenerationConfig`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingParams {
     /// 0 means greedy (argmax); otherwise logits are divided by it before sampling. Must be ≥ 0.
@@ -22,7 +36,7 @@ pub struct SamplingParams {
     pub top_p: Option<f64>,
     /// Seed of the sampler's random generator.
     pub seed: u64,
-    /// Upper bound on generated tokens.
+    /// Upper bound on generated tokens (generation also ends when the context is full).
     pub max_new_tokens: usize,
     /// Generation stops after producing any of these (the token is returned, then nothing more).
     pub stop_token_ids: Vec<u32>,
@@ -30,6 +44,8 @@ pub struct SamplingParams {
     /// `repeat_last_n` tokens; 1.0 disables it.
     pub repetition_penalty: f32,
     pub repeat_last_n: usize,
+    /// Return each chosen token's log-probability and this many most likely alternatives.
+    pub logprobs: Option<usize>,
 }
 
 impl Default for SamplingParams {
@@ -38,11 +54,12 @@ impl Default for SamplingParams {
             temperature: 0.0,
             top_k: None,
             top_p: None,
-            seed: 299792458,
-            max_new_tokens: 256,
+            seed: DEFAULT_SEED,
+            max_new_tokens: DEFAULT_MAX_NEW_TOKENS,
             stop_token_ids: Vec::new(),
             repetition_penalty: 1.0,
-            repeat_last_n: 64,
+            repeat_last_n: DEFAULT_REPEAT_LAST_N,
+            logprobs: None,
         }
     }
 }
@@ -66,29 +83,139 @@ impl SamplingParams {
         }
         if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
             return Err(Error::Input(format!(
-                "repetition penalty must be a positive number, got {}",
+                "repetition-penalty must be a positive number, got {}",
                 self.repetition_penalty
             )));
         }
         Ok(())
     }
 
-    /// The candle sampler for these settings.
-    pub fn logits_processor(&self) -> LogitsProcessor {
-        let temperature = self.temperature;
-        let sampling = if temperature == 0.0 {
-            Sampling::ArgMax
-        } else {
-            match (self.top_k, self.top_p) {
-                (None, None) | (None, Some(1.0)) => Sampling::All { temperature },
-                (Some(k), None) => Sampling::TopK { k, temperature },
-                (None, Some(p)) => Sampling::TopP { p, temperature },
-                (Some(k), Some(p)) => Sampling::TopKThenTopP { k, p, temperature },
-            }
-        };
-        LogitsProcessor::from_sampling(self.seed, sampling)
+    /// A sampler with these settings.
+    pub fn sampler(&self) -> Sampler {
+        Sampler::new(self)
     }
 }
+
+/// What a caller asks of one generation. Unset sampling settings come from the checkpoint's
+/// `generation_config.json`, else from [`SamplingParams::default`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerateOptions {
+    /// 0 = greedy.
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub top_k: Option<usize>,
+    pub seed: u64,
+    /// Default [`DEFAULT_MAX_NEW_TOKENS`]; generation also ends when the context is full.
+    pub max_new_tokens: usize,
+    /// 1.0 disables it.
+    pub repetition_penalty: f32,
+    /// Generation ends before any of these strings (they are not part of the answer).
+    pub stop: Vec<String>,
+    /// Keep generating past end-of-turn tokens.
+    pub ignore_eos: bool,
+    /// Return each token's log-probability and this many alternatives.
+    pub logprobs: Option<usize>,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        let d = SamplingParams::default();
+        Self {
+            temperature: None,
+            top_p: None,
+            top_k: None,
+            seed: d.seed,
+            max_new_tokens: d.max_new_tokens,
+            repetition_penalty: d.repetition_penalty,
+            stop: Vec::new(),
+            ignore_eos: false,
+            logprobs: None,
+        }
+    }
+}
+
+/// The checkpoint's generation settings, decided in one place: the end-of-turn ids (`config.json`'s
+/// `eos_token_id`, `generation_config.json`'s, and the tokenizer's `<|EOT|>` and
+/// `<｜end▁of▁sentence｜>`) and the sampling defaults of `generation_config.json`.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct GenerationConfig {
+    /// Every id that ends a turn, sorted.
+    pub eos_token_ids: Vec<u32>,
+    pub temperature: Option<f64>,
+    /// Only values below 1 (1 is no truncation).
+    pub top_p: Option<f64>,
+    /// Only values above 0 (0 is no truncation).
+    pub top_k: Option<usize>,
+}
+
+impl GenerationConfig {
+    /// Reads `dir/generation_config.json` (optional) on top of `config` and `tokenizer` (optional).
+    pub fn load(dir: &Path, config: &Step3Config, tokenizer: Option<&Step3Tokenizer>) -> Result<Self> {
+        let path = dir.join(GENERATION_CONFIG);
+        let file = if path.is_file() { Some(step3_config::read_json(&path)?) } else { None };
+        let mut eos = config.eos_token_ids.clone();
+        let mut out = Self::default();
+        if let Some(g) = &file {
+            let bad = |key: &str, v: &serde_json::Value| Error::key(&path, key, format!("is invalid: {v}"));
+            let as_id = |v: &serde_json::Value| {
+                v.as_u64().and_then(|v| u32::try_from(v).ok()).ok_or_else(|| bad("eos_token_id", v))
+            };
+            match g.get("eos_token_id") {
+                None | Some(serde_json::Value::Null) => {}
+                Some(serde_json::Value::Array(ids)) => {
+                    for v in ids {
+                        eos.push(as_id(v)?);
+                    }
+                }
+                Some(v) => eos.push(as_id(v)?),
+            }
+            let number = |key: &str| match g.get(key) {
+                None | Some(serde_json::Value::Null) => Ok(None),
+                Some(v) => v.as_f64().map(Some).ok_or_else(|| bad(key, v)),
+            };
+            out.temperature = number("temperature")?;
+            out.top_p = number("top_p")?.filter(|p| *p < 1.0);
+            out.top_k = number("top_k")?.map(|k| k as usize).filter(|k| *k > 0);
+            if let Some(t) = out.temperature {
+                if !(t.is_finite() && t >= 0.0) {
+                    return Err(Error::key(&path, "temperature", format!("must be a number >= 0, found {t}")));
+                }
+            }
+            if let Some(p) = out.top_p {
+                if p <= 0.0 {
+                    return Err(Error::key(&path, "top_p", format!("must be in (0, 1], found {p}")));
+                }
+            }
+        }
+        if let Some(tok) = tokenizer {
+            eos.extend([crate::tokenizer::EOT, crate::tokenizer::EOS].iter().filter_map(|t| tok.token_id(t)));
+        }
+        eos.sort_unstable();
+        eos.dedup();
+        out.eos_token_ids = eos;
+        Ok(out)
+    }
+
+    /// The resolved settings of a request: what it sets, else these defaults, else
+    /// [`SamplingParams::default`].
+    pub fn sampling(&self, opts: &GenerateOptions) -> SamplingParams {
+        let d = SamplingParams::default();
+        SamplingParams {
+            temperature: opts.temperature.or(self.temperature).unwrap_or(d.temperature),
+            top_p: opts.top_p.or(self.top_p),
+            top_k: opts.top_k.or(self.top_k),
+            seed: opts.seed,
+            max_new_tokens: opts.max_new_tokens,
+            stop_token_ids: if opts.ignore_eos { Vec::new() } else { self.eos_token_ids.clone() },
+            repetition_penalty: opts.repetition_penalty,
+            logprobs: opts.logprobs,
+            ..d
+        }
+    }
+}
+
+/// The optional file of sampling defaults and extra end-of-turn ids beside `config.json`.
+pub const GENERATION_CONFIG: &str = "generation_config.json";
 
 /// Why generation ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -103,6 +230,18 @@ pub enum FinishReason {
     Context,
     /// The caller stopped it.
     Cancelled,
+}
+
+impl std::fmt::Display for FinishReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Stop(id) => write!(f, "stop token {id}"),
+            Self::StopString => write!(f, "stop string"),
+            Self::Length => write!(f, "max new tokens reached"),
+            Self::Context => write!(f, "the model's context is full"),
+            Self::Cancelled => write!(f, "cancelled"),
+        }
+    }
 }
 
 /// Token counts and timing of a generation.
@@ -140,7 +279,7 @@ pub struct GenerationOutput {
 pub struct Generator<'m> {
     model: &'m Step3TextModel,
     cache: Step3Cache,
-    sampler: LogitsProcessor,
+    sampler: Sampler,
     params: SamplingParams,
     /// Prompt then generated tokens (repetition penalty).
     history: Vec<u32>,
@@ -148,6 +287,8 @@ pub struct Generator<'m> {
     /// Prompt embeddings, consumed by the prefill.
     embeds: Option<Tensor>,
     capacity: usize,
+    /// What the sampler returned for every generated token.
+    logprobs: Vec<Sampled>,
     finish: Option<FinishReason>,
     prefill_time: Duration,
     decode_time: Duration,
@@ -183,17 +324,18 @@ impl<'m> Generator<'m> {
                 )));
             }
         }
-        // The last generated token is never fed back, hence the -1.
-        let capacity = (prompt.len() + params.max_new_tokens - 1).min(context);
+        // The last generated token is never fed back, hence the -1; the context bounds it all.
+        let capacity = prompt.len().saturating_add(params.max_new_tokens - 1).min(context);
         Ok(Self {
             model,
             cache: model.new_cache(1, capacity)?,
-            sampler: params.logits_processor(),
+            sampler: params.sampler(),
             params: params.clone(),
             history: prompt.to_vec(),
             prompt_len: prompt.len(),
             embeds,
             capacity,
+            logprobs: Vec::new(),
             finish: None,
             prefill_time: Duration::ZERO,
             decode_time: Duration::ZERO,
@@ -205,6 +347,11 @@ impl<'m> Generator<'m> {
         &self.history[self.prompt_len..]
     }
 
+    /// Each generated token as the sampler returned it (with log-probabilities when asked for).
+    pub fn sampled(&self) -> &[Sampled] {
+        &self.logprobs
+    }
+
     pub fn finish_reason(&self) -> Option<FinishReason> {
         self.finish
     }
@@ -214,18 +361,9 @@ impl<'m> Generator<'m> {
         self.finish.get_or_insert(reason);
     }
 
-    fn sample(&mut self, logits: Tensor) -> Result<u32> {
-        let logits = if self.params.repetition_penalty != 1.0 {
-            let start = self.history.len().saturating_sub(self.params.repeat_last_n);
-            candle_transformers::utils::apply_repeat_penalty(
-                &logits,
-                self.params.repetition_penalty,
-                &self.history[start..],
-            )?
-        } else {
-            logits
-        };
-        Ok(self.sampler.sample(&logits)?)
+    fn sample(&mut self, logits: Tensor) -> Result<Sampled> {
+        let row = logits.to_vec1::<f32>()?;
+        self.sampler.sample(&row, &self.history)
     }
 
     /// The next token, or `None` once generation has finished.
@@ -247,7 +385,9 @@ impl<'m> Generator<'m> {
             let hidden = self.model.forward(&Tensor::new(&[[last]], device)?, &[1], &mut self.cache, None)?;
             self.model.logits(&hidden.i((0, 0))?)?
         };
-        let next = self.sample(logits)?;
+        let sampled = self.sample(logits)?;
+        let next = sampled.token;
+        self.logprobs.push(sampled);
         if self.generated().is_empty() {
             self.prefill_time = start.elapsed();
         } else {

@@ -25,12 +25,23 @@ pub enum ModelSource {
 }
 
 impl ModelSource {
-    /// A directory when `s` names an existing one; else a repo id `owner/name`, optionally
-    /// `owner/name@revision` (default revision `main`).
+    /// A directory when `s` names an existing one or looks like a path (starts with `.`, `/` or
+    /// `~`, or has more than one `/` before any `@revision`): a missing one is an error, never a
+    /// hub request. Otherwise a
+    /// repo id `owner/name`, optionally `owner/name@revision` (default revision `main`).
     pub fn parse(s: &str) -> Result<Self> {
-        let path = Path::new(s);
+        let path = match (s.strip_prefix("~/"), std::env::var_os("HOME")) {
+            (Some(rest), Some(home)) => Path::new(&home).join(rest),
+            _ => PathBuf::from(s),
+        };
         if path.is_dir() {
-            return Ok(Self::Dir(path.to_path_buf()));
+            return Ok(Self::Dir(path));
+        }
+        let repo_part = s.split('@').next().unwrap_or(s);
+        let looks_like_path =
+            s.starts_with(['.', '/', '~', '\\']) || repo_part.matches('/').count() > 1 || path.exists();
+        if looks_like_path {
+            return Err(Error::NoModelDir { dir: path });
         }
         let (repo, revision) = s.split_once('@').unwrap_or((s, "main"));
         let valid = |p: &str| !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
@@ -90,7 +101,7 @@ impl HubOptions {
 pub fn resolve(source: &ModelSource, opts: &HubOptions) -> Result<PathBuf> {
     match source {
         ModelSource::Dir(p) if p.is_dir() => Ok(p.clone()),
-        ModelSource::Dir(p) => Err(Error::Hub(format!("{}: no such model directory", p.display()))),
+        ModelSource::Dir(p) => Err(Error::NoModelDir { dir: p.clone() }),
         ModelSource::Hub { repo, revision } if opts.offline => resolve_offline(repo, revision, &opts.cache_dir),
         ModelSource::Hub { repo, revision } => download(repo, revision, opts),
     }
@@ -106,8 +117,9 @@ fn resolve_offline(repo: &str, revision: &str, cache_dir: &Path) -> Result<PathB
     let cached = cache.repo(Repo::with_revision(repo.to_string(), RepoType::Model, revision.to_string()));
     let missing = |file: &str| {
         Error::Hub(format!(
-            "HF_HUB_OFFLINE is set and `{file}` of {repo}@{revision} is not in the Hugging Face cache at {} \
-             (download it once online, or point HF_HOME / HF_HUB_CACHE at the cache that has it)",
+            "working offline (--offline or HF_HUB_OFFLINE) and `{file}` of {repo}@{revision} is not in the \
+             Hugging Face cache at {} (download it once online, or point HF_HOME / HF_HUB_CACHE at the cache \
+             that has it)",
             cache_dir.display()
         ))
     };
@@ -190,6 +202,11 @@ mod tests {
             ModelSource::Hub { repo: "stepfun-ai/step3-fp8".into(), revision: "refs/pr/2".into() }
         );
         assert_eq!(ModelSource::parse(".").unwrap(), ModelSource::Dir(".".into()));
+        // Path-like sources never reach the hub: a missing one says so.
+        for missing in ["./nonexistent", "/no/such/dir", "~/no-such-step3-dir", "a/b/c", "../x"] {
+            let e = ModelSource::parse(missing).unwrap_err().to_string();
+            assert!(e.starts_with("no such model directory: "), "{missing}: {e}");
+        }
         for bad in ["step3", "a/b/c", "/no/such/dir", "owner/", "x y/z"] {
             assert!(ModelSource::parse(bad).is_err(), "{bad}");
         }

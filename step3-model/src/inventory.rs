@@ -6,8 +6,8 @@ use safetensors::tensor::Dtype as StDtype;
 use candle_core::DType;
 
 use crate::checkpoint::Checkpoint;
-use crate::config::{QuantizationConfig, TextConfig};
 use crate::Error;
+use step3_config::{QuantizationConfig, TextConfig};
 
 /// A tensor the config says the checkpoint must hold.
 #[derive(Debug, Clone, PartialEq)]
@@ -70,12 +70,9 @@ pub fn text_tensors(c: &TextConfig) -> Vec<ExpectedTensor> {
 }
 
 /// The vision tower's and projector's tensors (`vision_model.*`, `vit_downsampler*`,
-/// `vit_large_projector`), for MLP width `intermediate` and a language model of width `text_hidden`.
-pub fn vision_tensors(
-    v: &crate::config::VisionSection,
-    intermediate: usize,
-    text_hidden: usize,
-) -> Vec<ExpectedTensor> {
+/// `vit_large_projector`), for MLP width `intermediate`.
+pub fn vision_tensors(v: &step3_config::VisionConfig, intermediate: usize) -> Vec<ExpectedTensor> {
+    let text_hidden = v.text_hidden_size;
     let (d, p, c, o) = (v.hidden_size, v.patch_size, v.num_channels, v.output_hidden_size);
     let g = v.image_size / v.patch_size;
     let e = "vision_model.embeddings";

@@ -35,7 +35,7 @@ impl Step3Model {
     pub fn load_image(&self, path: &Path) -> Result<PreprocessedImage> {
         let img = step3_vision::load_image(path, self.preprocess.max_pixels)?;
         step3_vision::preprocess(&img, &self.preprocess)
-            .map_err(|source| Error::ImageFile { path: path.to_path_buf(), source })
+            .map_err(|error| Error::ImageFile { path: path.to_path_buf(), error })
     }
 
     /// The token layout of a preprocessed image (features per crop and per global view follow

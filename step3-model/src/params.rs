@@ -2,8 +2,8 @@
 
 use serde::Serialize;
 
-use crate::config::TextConfig;
 use crate::inventory::text_tensors;
+use step3_config::TextConfig;
 
 /// Language-model parameter counts, by component.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

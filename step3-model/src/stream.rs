@@ -1,6 +1,7 @@
 //! Turning generated tokens into what a reader sees, as they arrive: UTF-8-safe incremental
 //! detokenisation ([`Detokenizer`]), stop strings ([`StopStrings`]), and the split of Step3's
-//! output into reasoning, answer and tool calls ([`OutputParser`]), all usable token by token.
+//! output into reasoning, answer and tool calls ([`OutputParser`]), all usable token by token, and
+//! the three together for one generation ([`TextDecoder`]).
 
 use serde::Serialize;
 
@@ -277,6 +278,63 @@ impl OutputParser {
         }
         self.emit(&rest, &mut out);
         out
+    }
+}
+
+/// Everything between generated token ids and what a reader sees, for one generation: the
+/// detokenizer, the stop strings and the reasoning / answer / tool-call split, fed token by token.
+/// Stop tokens are not fed: they end generation without being shown.
+#[derive(Debug, Clone)]
+pub struct TextDecoder {
+    detok: Detokenizer,
+    stops: StopStrings,
+    parser: OutputParser,
+    stopped: bool,
+}
+
+impl TextDecoder {
+    /// `opens_reasoning`: the prompt ends inside `<think>` (Step3's chat prompts do).
+    pub fn new(stop_strings: Vec<String>, opens_reasoning: bool) -> Self {
+        Self {
+            detok: Detokenizer::new(),
+            stops: StopStrings::new(stop_strings),
+            parser: OutputParser::new(opens_reasoning),
+            stopped: false,
+        }
+    }
+
+    /// Feeds a generated token; returns what it completes. After a stop string has been reached
+    /// ([`Self::hit_stop_string`]) nothing more is shown.
+    pub fn push(&mut self, tok: &Step3Tokenizer, id: u32) -> Result<Vec<OutputEvent>> {
+        if self.stopped {
+            return Ok(Vec::new());
+        }
+        let Some(text) = self.detok.push(tok, id)? else { return Ok(Vec::new()) };
+        let (safe, hit) = self.stops.push(&text);
+        self.stopped = hit;
+        Ok(self.parser.push(&safe))
+    }
+
+    /// Whether a stop string has been reached (generation should end).
+    pub fn hit_stop_string(&self) -> bool {
+        self.stopped
+    }
+
+    /// The end of generation: releases what the detokenizer, the stop strings and the parser
+    /// held back (nothing past a stop string), and closes an unfinished tool call.
+    pub fn finish(&mut self, tok: &Step3Tokenizer) -> Result<Vec<OutputEvent>> {
+        let mut events = Vec::new();
+        if !self.stopped {
+            let tail = self.detok.flush(tok)?.unwrap_or_default();
+            let (mut text, hit) = self.stops.push(&tail);
+            self.stopped = hit;
+            if !hit {
+                text.push_str(&self.stops.flush());
+            }
+            events = self.parser.push(&text);
+        }
+        events.extend(self.parser.finish());
+        Ok(events)
     }
 }
 

@@ -7,8 +7,8 @@ use step3_mfa::{KvCache, MfaAttention, MfaConfig, RotaryEmbedding, SequenceTable
 use step3_moe::{MoeBlock, MoeConfig, Routing, SwiGluMlp};
 use step3_nn::{Linear, RmsNorm, WeightFormat};
 
-use crate::config::TextConfig;
 use crate::{Error, Result};
+use step3_config::TextConfig;
 
 /// The feed-forward half of a decoder layer.
 #[derive(Debug, Clone)]

@@ -7,7 +7,7 @@
 //! bilinear/bicubic), the Eva-CLIP-style ViT with post-branch LayerNorm and its three duplicated
 //! CLS tokens, and the projector (two strided convolutions, 16× fewer tokens, and a linear map to
 //! the language model's width) ([`VisionModel`]). It does not own the language model, the
-//! tokenizer or config files: the model crate hands it a [`VisionConfig`], a
+//! tokenizer or config files: the model crate hands it a [`VisionConfig`] (`step3-config`'s), a
 //! [`PreprocessConfig`] and a [`candle_nn::VarBuilder`] at the checkpoint root.
 
 mod preprocess;
@@ -21,14 +21,15 @@ pub use preprocess::{
     PreprocessConfig, PreprocessedImage, WindowRule, CLIP_MEAN, CLIP_STD,
 };
 pub use resample::PillowPassOrder;
-pub use vit::{tokens_per_view, VisionConfig, VisionModel, VisionOutputs};
+pub use step3_config::{tokens_per_view, VisionConfig};
+pub use vit::{VisionModel, VisionOutputs};
 
 /// Why an image cannot be used.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum VisionError {
-    #[error("{}: {source}", path.display())]
-    Io { path: PathBuf, source: std::io::Error },
+    #[error("{}: {error}", path.display())]
+    Io { path: PathBuf, error: std::io::Error },
     #[error("{}cannot decode the image: {reason}", path.as_ref().map(|p| format!("{}: ", p.display())).unwrap_or_default())]
     Decode { path: Option<PathBuf>, reason: String },
     #[error(

@@ -124,7 +124,7 @@ impl PreprocessedImage {
 /// Decodes an image file (PNG, JPEG, WebP, GIF, BMP) to 8-bit RGB, refusing empty, corrupt or
 /// oversized ones.
 pub fn load_image(path: &Path, max_pixels: u64) -> Result<RgbImage, VisionError> {
-    let bytes = std::fs::read(path).map_err(|source| VisionError::Io { path: path.to_path_buf(), source })?;
+    let bytes = std::fs::read(path).map_err(|error| VisionError::Io { path: path.to_path_buf(), error })?;
     decode_image(&bytes, max_pixels).map_err(|e| e.with_path(path))
 }
 

@@ -7,55 +7,7 @@ use candle_nn::{Conv2d, Conv2dConfig, LayerNorm, VarBuilder};
 use step3_nn::{Linear, WeightFormat};
 
 use crate::resample::resize_bicubic_aa;
-
-/// Sizes of the vision tower and projector (`vision_config` plus the top-level projector keys).
-#[derive(Debug, Clone, PartialEq)]
-pub struct VisionConfig {
-    /// Width of the ViT (`hidden_size`, 1792 for Step3).
-    pub hidden_size: usize,
-    /// Width of the ViT MLP (15360 for Step3; read from `fc1.weight` when the config lacks it).
-    pub intermediate_size: usize,
-    pub num_hidden_layers: usize,
-    pub num_attention_heads: usize,
-    pub num_channels: usize,
-    /// Side of the global view (`image_size`, 728) — the position table is sized for it.
-    pub image_size: usize,
-    pub patch_size: usize,
-    pub layer_norm_eps: f64,
-    /// Output channels of the first downsampler (`output_hidden_size`, 4096); the second has 2×.
-    pub output_hidden_size: usize,
-    /// Stride of the first downsampler (`understand_projector_stride`, 2 for Step3).
-    pub projector_stride: usize,
-    /// Whether `vit_large_projector` has a bias (`projector_bias`, false for Step3).
-    pub projector_bias: bool,
-    /// Width of the language model the projector maps into.
-    pub text_hidden_size: usize,
-}
-
-impl VisionConfig {
-    /// Patches per side for a view of `size` pixels.
-    pub fn grid(&self, size: usize) -> usize {
-        size / self.patch_size
-    }
-
-    /// Image tokens one view of `size` pixels turns into: `g = size/p; h1 = (g − 2)/stride + 1;
-    /// h2 = (h1 − 1)/2 + 1; h2²` (169 for 728 px, 81 for 504 px).
-    pub fn tokens_per_view(&self, size: usize) -> usize {
-        tokens_per_view(size, self.patch_size, self.projector_stride)
-    }
-}
-
-/// [`VisionConfig::tokens_per_view`] from the two sizes it depends on: the ViT's `patch_size` and
-/// the first downsampler's `projector_stride`.
-pub fn tokens_per_view(size: usize, patch_size: usize, projector_stride: usize) -> usize {
-    let g = size / patch_size;
-    if g < 2 {
-        return 0;
-    }
-    let h1 = (g - 2) / projector_stride + 1;
-    let h2 = (h1 - 1) / 2 + 1;
-    h2 * h2
-}
+use crate::VisionConfig;
 
 /// Intermediate results of one forward pass, for tests and diagnostics.
 #[derive(Debug, Clone)]
@@ -214,9 +166,15 @@ fn quick_gelu(x: &Tensor) -> Result<Tensor> {
 
 impl EncoderLayer {
     fn new(cfg: &VisionConfig, vb: VarBuilder) -> Result<Self> {
-        let (d, i) = (cfg.hidden_size, cfg.intermediate_size);
+        let d = cfg.hidden_size;
         let dense = WeightFormat::Dense;
         let attn = vb.pp("self_attn");
+        let fc1 = vb.pp("mlp").pp("fc1");
+        // The MLP width: the config's, else the rows of the checkpoint's fc1 weight.
+        let i = match cfg.intermediate_size {
+            Some(i) => i,
+            None => fc1.get_unchecked("weight")?.dim(0)?,
+        };
         Ok(Self {
             self_attn: SelfAttention {
                 qkv_proj: Linear::new(d, 3 * d, true, dense, attn.pp("qkv_proj"))?,
@@ -224,7 +182,7 @@ impl EncoderLayer {
                 num_heads: cfg.num_attention_heads,
             },
             layer_norm1: candle_nn::layer_norm(d, cfg.layer_norm_eps, vb.pp("layer_norm1"))?,
-            fc1: Linear::new(d, i, true, dense, vb.pp("mlp").pp("fc1"))?,
+            fc1: Linear::new(d, i, true, dense, fc1)?,
             fc2: Linear::new(i, d, true, dense, vb.pp("mlp").pp("fc2"))?,
             layer_norm2: candle_nn::layer_norm(d, cfg.layer_norm_eps, vb.pp("layer_norm2"))?,
         })

@@ -55,7 +55,7 @@ fn a_chosen_pairing_and_a_restricted_set() {
 
 #[test]
 fn any_step3_config_works() {
-    let config = format!("{}/configs/step3/config.json", env!("CARGO_MANIFEST_DIR"));
+    let config = format!("{}/../configs/step3/config.json", env!("CARGO_MANIFEST_DIR"));
     let a = json(&["cost", "--config", &config, "--context", "8192", "--json"]);
     let b = json(&["cost", "--preset", "step3", "--context", "8192", "--json"]);
     for key in ["kv_bytes", "attn_flops", "linear_flops", "ffn_flops", "activated_params"] {

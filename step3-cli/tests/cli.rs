@@ -32,7 +32,7 @@ fn logits_writes_goldens_shapes_and_values() {
     let golden = read_tensors(&fixtures().join("vl-f32/golden.safetensors"));
     for (key, golden_key) in [("logits", "text.seq0.prefill_logits"), ("last_hidden", "text.seq0.prefill_last_hidden")]
     {
-        let err = step3::verify::relative_error(&ours[key], &golden[golden_key]).unwrap();
+        let err = step3_cli::verify::relative_error(&ours[key], &golden[golden_key]).unwrap();
         assert!(err < 1e-4, "{key}: {err}");
         assert_eq!(ours[key].dtype(), step3::DType::F32);
     }
@@ -56,12 +56,12 @@ fn logits_in_bf16_is_close() {
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
     let golden = read_tensors(&fixtures().join("vl-bf16/golden.safetensors"));
-    let err = step3::verify::relative_error(
+    let err = step3_cli::verify::relative_error(
         &read_tensors(&out_file)["logits"],
         &golden["bf16compute.text.seq0.prefill_logits"],
     )
     .unwrap();
-    assert!(err < step3::verify::BF16_TOLERANCE, "{err}");
+    assert!(err < step3_cli::verify::BF16_TOLERANCE, "{err}");
 }
 
 #[test]
@@ -100,7 +100,7 @@ fn sampling_is_reproducible_with_a_seed() {
 
 #[test]
 fn inspect_reports_the_real_step3_size() {
-    let config = format!("{}/configs/step3/config.json", env!("CARGO_MANIFEST_DIR"));
+    let config = format!("{}/../configs/step3/config.json", env!("CARGO_MANIFEST_DIR"));
     let out = step3(&["inspect", "--config", &config]);
     assert!(out.status.success(), "{}", stderr(&out));
     let text = stdout(&out);
@@ -162,4 +162,87 @@ fn verify_runs_the_goldens() {
     let out = step3(&["verify", "--fixtures", &fixtures().to_string_lossy(), "--device", "cpu", "--dtype", "f32"]);
     assert!(out.status.success(), "{}", stdout(&out));
     assert!(stdout(&out).contains(": 0 failed"), "{}", stdout(&out));
+}
+
+/// Each error says its cause once (no "X: X" from an error printed and also chained as its source).
+#[test]
+fn errors_say_their_cause_once() {
+    let empty = tempfile::tempdir().unwrap();
+    let empty_dir = empty.path().to_string_lossy().into_owned();
+    let demo = step3::demo::demo_dir().to_string_lossy().into_owned();
+    let cases: [(&[&str], &str); 4] = [
+        (&["generate", "--model-dir", "/nonexistent", "--ids", "1"], "no such model directory: /nonexistent"),
+        (&["generate", "--model-dir", &empty_dir, "--ids", "1"], "has no config.json"),
+        (
+            &["generate", "--model-dir", &demo, "--prompt", "hi", "--image", "/nonexistent.png"],
+            "/nonexistent.png: No such file",
+        ),
+        (&["generate", "--model", "./nonexistent", "--ids", "1"], "no such model directory: ./nonexistent"),
+    ];
+    for (args, needle) in cases {
+        let out = step3(args);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert_eq!(err.matches(needle).count(), 1, "{args:?}: {err}");
+        let cause = needle.split(": ").last().unwrap();
+        assert_eq!(err.matches(cause).count(), 1, "{args:?} repeats `{cause}`: {err}");
+        assert!(!err.contains("os error 2): No such"), "{err}");
+    }
+    // --offline names itself, not an environment variable that is not set.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_step3"))
+        .args(["generate", "--model", "nobody/nothing", "--offline", "--ids", "1"])
+        .env_remove("HF_HUB_OFFLINE")
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert!(err.contains("working offline (--offline or HF_HUB_OFFLINE)"), "{err}");
+    assert!(!err.contains("HF_HUB_OFFLINE is set"), "{err}");
+}
+
+/// Text prompts: chat-templated by default, raw with --raw, images placed and expanded by the
+/// command itself.
+#[test]
+fn generate_takes_text_and_images() {
+    let demo = step3::demo::demo_dir().to_string_lossy().into_owned();
+    let img = fixtures().join("images/wide_150x62.png").to_string_lossy().into_owned();
+    let run = |extra: &[&str]| {
+        let base = ["generate", "--model-dir", demo.as_str(), "--temperature", "0", "--max-new-tokens", "6"];
+        step3(&[&base[..], extra].concat())
+    };
+    let chat = run(&["--prompt", "What is this?", "--image", &img, "--print", "stats"]);
+    assert!(chat.status.success(), "{}", stderr(&chat));
+    let prompt_tokens = |o: &std::process::Output| {
+        let err = stderr(o);
+        err.lines().find_map(|l| l.strip_prefix("prompt ")?.split(' ').next()?.parse::<usize>().ok()).unwrap()
+    };
+    // The chat prompt holds the image's whole layout (3 crops of 11 and a global view of 18 tokens
+    // plus markers) around the text.
+    assert!(prompt_tokens(&chat) > 60, "{}", stderr(&chat));
+    let text = run(&["--prompt", "What is this?"]);
+    assert!(text.status.success(), "{}", stderr(&text));
+    assert!(stdout(&text).starts_with("<think>"), "{}", stdout(&text));
+    // Raw text without a placeholder gets one per image, in front.
+    let raw = run(&["--prompt", "What is this?", "--raw", "--image", &img, "--print", "stats"]);
+    assert!(raw.status.success(), "{}", stderr(&raw));
+    let raw_plain = run(&["--prompt", "What is this?", "--raw", "--print", "stats"]);
+    assert!(prompt_tokens(&raw) > prompt_tokens(&raw_plain) + 50);
+    assert!(prompt_tokens(&raw) < prompt_tokens(&chat));
+    // --prompt and --ids are one or the other; --raw needs --prompt.
+    let both = run(&["--prompt", "x", "--ids", "1"]);
+    assert_eq!(both.status.code(), Some(2));
+    let neither = run(&[]);
+    assert_eq!(neither.status.code(), Some(2));
+    assert!(stderr(&neither).contains("--prompt") && stderr(&neither).contains("--ids"), "{}", stderr(&neither));
+    // Flags with rules say them, negative numbers included.
+    let neg = step3(&["generate", "--model-dir", &demo, "--prompt", "x", "--max-new-tokens", "-5"]);
+    assert!(stderr(&neg).contains("must be a whole number of at least 1, got -5"), "{}", stderr(&neg));
+}
+
+#[test]
+fn inspect_assumes_the_dtype_the_device_runs() {
+    let demo = step3::demo::demo_dir().to_string_lossy().into_owned();
+    let out = step3(&["inspect", "--model-dir", &demo]);
+    assert!(stdout(&out).contains("language-model weights in F32"), "{}", stdout(&out));
+    let out = step3(&["inspect", "--model-dir", &demo, "--device", "cuda"]);
+    assert!(stdout(&out).contains("language-model weights in BF16"), "{}", stdout(&out));
 }

@@ -71,7 +71,7 @@ fn every_entry_point_works_on_fp8() {
     assert!(out.status.success(), "{}", stderr(&out));
     let golden = read_tensors(&fixtures().join("fp8-block/golden.safetensors"));
     let err =
-        step3::verify::relative_error(&read_tensors(&file)["logits"], &golden["text.seq0.prefill_logits"]).unwrap();
+        step3_cli::verify::relative_error(&read_tensors(&file)["logits"], &golden["text.seq0.prefill_logits"]).unwrap();
     assert!(err < 1e-4, "{err}");
 
     let out = step3(&["inspect", "--model-dir", &dir]);
@@ -103,8 +103,9 @@ fn weight_scale_is_accepted_as_an_alias() {
     let ckpt = Step3Checkpoint::open(dir.path()).unwrap();
     let model = ckpt.load_text_model(DType::F32, &Device::Cpu).unwrap();
     let golden = read_tensors(&fixtures().join("fp8-block/golden.safetensors"));
-    let err = step3::verify::relative_error(&logits(&model).squeeze(0).unwrap(), &golden["text.seq0.prefill_logits"])
-        .unwrap();
+    let err =
+        step3_cli::verify::relative_error(&logits(&model).squeeze(0).unwrap(), &golden["text.seq0.prefill_logits"])
+            .unwrap();
     assert!(err < 1e-4, "{err}");
 }
 

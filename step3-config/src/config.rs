@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::Value;
 
-use crate::{Error, Result};
+use crate::{ConfigError as Error, Result};
 
 /// Which kind of config file this was.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -252,9 +252,10 @@ fn d14() -> usize {
     14
 }
 
-/// The vision tower and projector settings of a step3_vl config.
+/// The vision tower and projector of a step3_vl config: `vision_config`, the top-level
+/// projector keys, and the width of the language model the projector maps into.
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct VisionSection {
+pub struct VisionConfig {
     pub hidden_size: usize,
     pub output_hidden_size: usize,
     /// `None` when the config omits it (then it comes from the checkpoint's `fc1.weight`).
@@ -269,10 +270,61 @@ pub struct VisionSection {
     pub projector_stride: usize,
     /// `projector_bias`.
     pub projector_bias: bool,
+    /// `text_config.hidden_size`: the width of the projector's output.
+    pub text_hidden_size: usize,
+}
+
+impl VisionConfig {
+    /// Patches per side for a view of `size` pixels.
+    pub fn grid(&self, size: usize) -> usize {
+        size / self.patch_size
+    }
+
+    /// Image tokens one view of `size` pixels turns into (169 for 728 px, 81 for 504 px).
+    pub fn tokens_per_view(&self, size: usize) -> usize {
+        tokens_per_view(size, self.patch_size, self.projector_stride)
+    }
+
+    /// Whether the tower accepts views of `size` pixels: a multiple of the patch size, at least
+    /// two patches per side. The error says why not.
+    pub fn check_view_size(&self, size: usize) -> std::result::Result<(), String> {
+        check_view_size(size, self.patch_size)
+    }
+}
+
+/// Image tokens one view of `size` pixels becomes after the ViT (`patch_size`) and the two strided
+/// downsamplers (`projector_stride`, then 2): `g = size/p; h1 = (g − 2)/stride + 1;
+/// h2 = (h1 − 1)/2 + 1; h2²`. Sizes below two patches give 0.
+pub fn tokens_per_view(size: usize, patch_size: usize, projector_stride: usize) -> usize {
+    let g = size / patch_size.max(1);
+    if g < 2 || projector_stride == 0 {
+        return 0;
+    }
+    let h1 = (g - 2) / projector_stride + 1;
+    let h2 = (h1 - 1) / 2 + 1;
+    h2 * h2
+}
+
+/// The one rule for view sizes: a positive multiple of `patch_size`, at least two patches.
+pub(crate) fn check_view_size(size: usize, patch_size: usize) -> std::result::Result<(), String> {
+    if patch_size == 0 || size % patch_size != 0 || size / patch_size < 2 {
+        Err(format!(
+            "must be a multiple of the vision patch size {patch_size} and at least {} pixels (two patches), found {size}",
+            2 * patch_size
+        ))
+    } else {
+        Ok(())
+    }
 }
 
 impl RawVision {
-    fn resolve(self, path: &Path, projector_stride: usize, projector_bias: bool) -> Result<VisionSection> {
+    fn resolve(
+        self,
+        path: &Path,
+        projector_stride: usize,
+        projector_bias: bool,
+        text_hidden_size: usize,
+    ) -> Result<VisionConfig> {
         let key = |k: &str| format!("vision_config.{k}");
         if let Some(act) = &self.hidden_act {
             if act != "quick_gelu" {
@@ -308,19 +360,10 @@ impl RawVision {
                 format!("{} does not divide hidden_size {}", self.num_attention_heads, self.hidden_size),
             ));
         }
-        if self.image_size % self.patch_size != 0 || self.image_size / self.patch_size < 2 {
-            return Err(Error::key(
-                path,
-                key("image_size"),
-                format!(
-                    "{} must be a multiple of patch_size {} (and at least 2 patches)",
-                    self.image_size, self.patch_size
-                ),
-            ));
-        }
+        check_view_size(self.image_size, self.patch_size).map_err(|p| Error::key(path, key("image_size"), p))?;
         let eps = self.layer_norm_eps.unwrap_or(1e-6);
         require_positive_number(path, key("layer_norm_eps"), eps)?;
-        Ok(VisionSection {
+        Ok(VisionConfig {
             hidden_size: self.hidden_size,
             output_hidden_size: self.output_hidden_size,
             intermediate_size: self.intermediate_size,
@@ -332,6 +375,7 @@ impl RawVision {
             layer_norm_eps: eps,
             projector_stride,
             projector_bias,
+            text_hidden_size,
         })
     }
 }
@@ -403,7 +447,7 @@ pub struct Step3Config {
     pub model_type: ModelType,
     pub text: TextConfig,
     /// The vision tower and projector (step3_vl only).
-    pub vision: Option<VisionSection>,
+    pub vision: Option<VisionConfig>,
     /// Block-FP8 quantisation of the language model's linear weights, if any.
     pub quantization: Option<QuantizationConfig>,
     /// Token id of `<im_patch>` (step3_vl only).
@@ -472,7 +516,7 @@ impl Step3Config {
                 let bias = top("projector_bias")?
                     .as_bool()
                     .ok_or_else(|| Error::key(path, "projector_bias", "must be true or false"))?;
-                Some(raw.resolve(path, stride as usize, bias)?)
+                Some(raw.resolve(path, stride as usize, bias, text.hidden_size)?)
             }
             ModelType::Step3Text => None,
         };
@@ -526,7 +570,6 @@ struct Wrapper {
     eos_token_id: Vec<u32>,
 }
 
-/// Deserializes a section, turning serde's messages into errors that name the full key.
 /// The first of `fields` (keys under `prefix`) that is 0, as an error naming it.
 fn require_positive(path: &Path, prefix: &str, fields: &[(&str, usize)]) -> Result<()> {
     match fields.iter().find(|(_, v)| *v == 0) {
@@ -544,6 +587,7 @@ fn require_positive_number(path: &Path, key: String, value: f64) -> Result<()> {
     }
 }
 
+/// Deserializes a section, turning serde's messages into errors that name the full key.
 fn deserialize_section<T: serde::de::DeserializeOwned>(value: Value, path: &Path, prefix: &str) -> Result<T> {
     serde_path_to_error::deserialize(value).map_err(|e| {
         let inner = e.inner().to_string();

@@ -19,9 +19,13 @@ pub struct InspectArgs {
     /// Print one JSON object instead of the table.
     #[arg(long)]
     json: bool,
-    /// Compute dtype assumed for the resident-memory estimate: f32, bf16 or f16.
-    #[arg(long, default_value = "bf16")]
-    dtype: String,
+    /// Compute dtype assumed for the resident-memory estimate: f32, bf16 or f16. Default: what
+    /// `--device` runs by default (f32 on the CPU, bf16 on CUDA).
+    #[arg(long)]
+    dtype: Option<String>,
+    /// The device the estimate is for: cpu or cuda (only its default dtype matters here).
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 /// `1,2,3,7,8` → `1-3, 7-8`.
@@ -89,7 +93,12 @@ pub fn run(a: InspectArgs) -> Result<ExitCode> {
     let dense: Vec<usize> = (0..t.num_hidden_layers).filter(|&l| !t.is_moe_layer(l)).collect();
     let p = param_counts(t);
     let report = ckpt.as_ref().map(|c| c.check_all());
-    let dtype = step3::parse_dtype(&a.dtype)?;
+    let dtype = match (&a.dtype, a.device.to_ascii_lowercase().as_str()) {
+        (Some(d), _) => step3::parse_dtype(d)?,
+        (None, "cpu") => step3::default_dtype(&step3::Device::Cpu),
+        (None, d) if d == "gpu" || d.starts_with("cuda") => step3::DType::BF16,
+        (None, other) => bail!("--device must be cpu or cuda, not `{other}`"),
+    };
     let fp8: Vec<String> =
         ckpt.as_ref().map(|c| c.fp8_tensors().into_iter().map(|t| t.name).collect()).unwrap_or_default();
     let resident = ckpt

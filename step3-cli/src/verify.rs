@@ -10,7 +10,7 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, IndexOp, Tensor};
 use serde_json::Value;
-use step3_model::{
+use step3::{
     Fp8Storage, ImageLayout, LayerRouting, LoadOptions, PreprocessedImage, SamplingParams, Step3Checkpoint, Step3Model,
     Step3TextModel,
 };
@@ -169,11 +169,6 @@ impl Judge {
         })
     }
 
-    /// Pixel tensors: the fixtures' absolute tolerance (1e-5), always gating.
-    fn pixels(&self) -> PixelJudge {
-        PixelJudge { tag: self.tag }
-    }
-
     /// Ids that must match whatever the compute dtype (crop counts, layouts).
     fn exact_ids(&self, name: String, ours: &[u32], golden: &[u32]) -> GoldenCheck {
         GoldenCheck { gating: true, ..self.ids(name, ours, golden) }
@@ -244,7 +239,7 @@ fn check_prompt(
 
     // Greedy generation through the public loop.
     let params = SamplingParams { temperature: 0.0, max_new_tokens: greedy.len(), ..Default::default() };
-    let generated = step3_model::generate_from_embeds(model, ids, Some(embeds), &params, |_| {})?;
+    let generated = step3::generate_from_embeds(model, ids, Some(embeds), &params, |_| {})?;
     out.push(judge.ids(label("greedy_tokens"), &generated.tokens, &greedy));
     Ok(out)
 }
@@ -318,7 +313,6 @@ fn check_vision(model: &Step3Model, fixtures: &Path, goldens: &Goldens, judge: J
     let label = |k: &str| format!("{}/{k}{}", goldens.name, judge.tag);
     let vision_json = goldens.json.get("vision");
     let images = fixture_images(fixtures, &names(vision_json.and_then(|v| v.get("images"))), model)?;
-    let pixels = judge.pixels();
     if images.is_empty() {
         return Ok(out);
     }
@@ -328,9 +322,9 @@ fn check_vision(model: &Step3Model, fixtures: &Path, goldens: &Goldens, judge: J
     };
     let global_px = cat(&|p| Some(p.pixel_values.clone()))?.context("no global views")?;
     let patch_px = cat(&|p| p.patch_pixel_values.clone())?;
-    out.push(pixels.rel(label("vision.pixel_values"), &global_px, goldens.get("vision.pixel_values")?)?);
+    out.push(pixel_check(label("vision.pixel_values"), &global_px, goldens.get("vision.pixel_values")?)?);
     if let Some(px) = &patch_px {
-        out.push(pixels.rel(label("vision.patch_pixel_values"), px, goldens.get("vision.patch_pixel_values")?)?);
+        out.push(pixel_check(label("vision.patch_pixel_values"), px, goldens.get("vision.patch_pixel_values")?)?);
     }
     if goldens.tensors.contains_key("vision.num_patches") {
         let ours: Vec<u32> = images.iter().map(|p| p.num_crops() as u32).collect();
@@ -390,16 +384,20 @@ fn check_mm(
 /// Absolute tolerance for preprocessing pixel tensors (fixtures README).
 pub const PIXEL_TOLERANCE: f64 = 1e-5;
 
-struct PixelJudge {
-    tag: &'static str,
+/// A pixel tensor against its golden: the fixtures' absolute tolerance, always gating.
+fn pixel_check(name: String, ours: &Tensor, golden: &Tensor) -> Result<GoldenCheck> {
+    let worst = max_abs_diff(ours, golden).with_context(|| name.clone())?;
+    Ok(GoldenCheck { name, measure: Measure::AbsErr { worst, tolerance: PIXEL_TOLERANCE }, gating: true })
 }
 
-impl PixelJudge {
-    fn rel(&self, name: String, ours: &Tensor, golden: &Tensor) -> Result<GoldenCheck> {
-        let worst = max_abs_diff(ours, golden).with_context(|| name.clone())?;
-        let _ = self.tag;
-        Ok(GoldenCheck { name, measure: Measure::AbsErr { worst, tolerance: PIXEL_TOLERANCE }, gating: true })
+/// Every `step`-th index along the two dimensions `dims` of `t` (the fixtures' subsampled goldens).
+fn every_nth(t: &Tensor, step: usize, dims: [usize; 2]) -> Result<Tensor> {
+    let mut t = t.clone();
+    for d in dims {
+        let idx: Vec<u32> = (0..t.dim(d)?).step_by(step).map(|i| i as u32).collect();
+        t = t.index_select(&Tensor::new(idx, t.device())?, d)?;
     }
+    Ok(t)
 }
 
 /// `max|a − b|` over all elements.
@@ -492,33 +490,9 @@ pub fn verify_fixtures(dir: &Path, dtype: DType, device: &Device) -> Result<Vec<
 /// uint8 intermediates by SHA-256 and value, pixel tensors, newline masks, token layouts), and
 /// `preprocess/real.*` with Step3's own sizes.
 pub fn check_preprocess(fixtures: &Path) -> Result<Vec<GoldenCheck>> {
-    use sha2::{Digest, Sha256};
     let mut out = Vec::new();
     let dir = fixtures.join("preprocess");
-    let same = |name: String, equal: bool| GoldenCheck {
-        name: format!("preprocess/{name}"),
-        measure: Measure::Same { equal },
-        gating: true,
-    };
-    let abs = |name: String, ours: &Tensor, golden: &Tensor| -> Result<GoldenCheck> {
-        Ok(GoldenCheck {
-            name: format!("preprocess/{name}"),
-            measure: Measure::AbsErr { worst: max_abs_diff(ours, golden)?, tolerance: PIXEL_TOLERANCE },
-            gating: true,
-        })
-    };
-    let sha = |img: &image::RgbImage| format!("{:x}", Sha256::digest(img.as_raw()));
-    let u8_tensor = |img: &image::RgbImage, step: usize| -> Result<Tensor> {
-        let (w, h) = (img.width() as usize, img.height() as usize);
-        let t = Tensor::from_vec(img.as_raw().clone(), (h, w, 3), &Device::Cpu)?;
-        Ok(if step == 1 {
-            t
-        } else {
-            let rows: Vec<u32> = (0..h).step_by(step).map(|r| r as u32).collect();
-            let cols: Vec<u32> = (0..w).step_by(step).map(|c| c as u32).collect();
-            t.index_select(&Tensor::new(rows, &Device::Cpu)?, 0)?.index_select(&Tensor::new(cols, &Device::Cpu)?, 1)?
-        })
-    };
+    // `tiny` holds whole tensors; `real` (728-px views) every 8th pixel and checksums.
     for (set, step) in [("tiny", 1usize), ("real", 8usize)] {
         let json_path = dir.join(format!("{set}.json"));
         if !json_path.is_file() {
@@ -527,11 +501,10 @@ pub fn check_preprocess(fixtures: &Path) -> Result<Vec<GoldenCheck>> {
         let json: Value = serde_json::from_str(&std::fs::read_to_string(&json_path)?)
             .with_context(|| json_path.display().to_string())?;
         let tensors = candle_core::safetensors::load(dir.join(format!("{set}.safetensors")), &Device::Cpu)?;
-        let golden = |k: &str| tensors.get(k).with_context(|| format!("{set}.safetensors lacks {k}"));
         let usize_of = |k: &str, d: usize| json.get(k).and_then(Value::as_u64).map_or(d, |v| v as usize);
-        let cfg = step3_model::PreprocessConfig {
+        let cfg = step3::PreprocessConfig {
             image_size: usize_of("image_size", 728),
-            crop_size: usize_of("crop_size", json.get("patch_size").and_then(Value::as_u64).unwrap_or(504) as usize),
+            crop_size: usize_of("crop_size", usize_of("patch_size", 504)),
             ..Default::default()
         };
         let entries: Vec<(String, Value)> = match json.get("images") {
@@ -540,106 +513,132 @@ pub fn check_preprocess(fixtures: &Path) -> Result<Vec<GoldenCheck>> {
         };
         for (name, meta) in entries {
             let file = fixtures.join("images").join(format!("{name}.png"));
-            let img = step3_model::vision::load_image(&file, cfg.max_pixels)?;
-            let p = step3_model::vision::preprocess(&img, &cfg)?;
-            // Check names carry the set; tensor keys in the file are `<image>.<what>`.
-            let key = |k: &str| format!("{set}.{name}.{k}");
-            let tkey = |k: &str| format!("{name}.{k}");
-            out.push(same(
-                key("num_patches"),
-                meta.get("num_patches").and_then(Value::as_u64) == Some(p.num_crops() as u64),
-            ));
-            let mask: Vec<bool> = meta
-                .get("patch_newline_mask")
-                .and_then(Value::as_array)
-                .map(|a| a.iter().filter_map(Value::as_bool).collect())
-                .unwrap_or_default();
-            out.push(same(key("patch_newline_mask"), mask == p.newline_mask));
-            let tokens = |k: &str| {
-                json.get(k).and_then(Value::as_u64).map(|v| v as usize).with_context(|| format!("{set}.json lacks {k}"))
-            };
-            let layout = ImageLayout {
-                newline_mask: p.newline_mask.clone(),
-                crop_tokens: tokens("num_patch_feature_size")?,
-                global_tokens: tokens("num_image_feature_size")?,
-            };
-            let segs: Vec<(String, u64)> = meta
-                .get("token_layout_segments")
-                .and_then(Value::as_array)
-                .map(|a| {
-                    a.iter().filter_map(|s| Some((s.get(0)?.as_str()?.to_string(), s.get(1)?.as_u64()?))).collect()
-                })
-                .unwrap_or_default();
-            let ours: Vec<(String, u64)> =
-                layout.segments().into_iter().map(|(n, c)| (n.to_string(), c as u64)).collect();
-            out.push(same(key("token_layout_segments"), segs == ours));
-            if let Some(g) = meta.get("geometry") {
-                let eq = |k: &str, v: Value| g.get(k) == Some(&v);
-                let geo = &p.geometry;
-                let ok = eq("original_size", serde_json::json!(geo.original_size))
-                    && eq("resized_size", serde_json::json!(geo.resized_size))
-                    && eq("square_padded", serde_json::json!(geo.square_padded))
-                    && eq("window_size", serde_json::json!(geo.window_size))
-                    && g.get("crop_canvas_size").is_none_or(|c| *c == serde_json::json!(geo.crop_canvas_size))
-                    && g.get("boxes_xywh").is_none_or(|b| *b == serde_json::json!(geo.boxes));
-                out.push(same(key("geometry"), ok));
-            }
-            if let Some(h) = meta.get("resized_u8_sha256").and_then(Value::as_str) {
-                out.push(same(key("resized_u8_sha256"), sha(&p.global_u8) == h));
-            }
-            if let (Some(h), Some(canvas)) = (meta.get("crop_canvas_u8_sha256").and_then(Value::as_str), &p.canvas_u8) {
-                out.push(same(key("crop_canvas_u8_sha256"), sha(canvas) == h));
-            }
-            for (k, img, stride) in [
-                ("resized_u8", Some(&p.global_u8), 1),
-                ("crop_canvas_u8", p.canvas_u8.as_ref(), 1),
-                ("crop_canvas_u8_sub7", p.canvas_u8.as_ref(), 7),
-            ] {
-                if let (Some(g), Some(img)) = (tensors.get(&tkey(k)), img) {
-                    let ours = u8_tensor(img, stride)?;
-                    let equal = ours.dims() == g.dims() && max_abs_diff(&ours, g)? == 0.0;
-                    out.push(same(key(k), equal));
-                }
-            }
-            if step == 1 {
-                out.push(abs(key("pixel_values"), &p.pixel_values, golden(&tkey("pixel_values"))?)?);
-                if let Some(px) = &p.patch_pixel_values {
-                    out.push(abs(key("patch_pixel_values"), px, golden(&tkey("patch_pixel_values"))?)?);
-                }
-            } else {
-                let sub = |t: &Tensor| -> Result<Tensor> {
-                    let (_, _, h, w) = t.dims4()?;
-                    let r: Vec<u32> = (0..h).step_by(step).map(|v| v as u32).collect();
-                    let c: Vec<u32> = (0..w).step_by(step).map(|v| v as u32).collect();
-                    Ok(t.index_select(&Tensor::new(r, t.device())?, 2)?
-                        .index_select(&Tensor::new(c, t.device())?, 3)?)
-                };
-                out.push(abs(key("pixel_values_sub8"), &sub(&p.pixel_values)?, golden(&tkey("pixel_values_sub8"))?)?);
-                if let Some(px) = &p.patch_pixel_values {
-                    out.push(abs(
-                        key("patch_pixel_values_sub8"),
-                        &sub(px)?,
-                        golden(&tkey("patch_pixel_values_sub8"))?,
-                    )?);
-                }
-                for (stat_key, t) in [
-                    ("pixel_values_stats", Some(&p.pixel_values)),
-                    ("patch_pixel_values_stats", p.patch_pixel_values.as_ref()),
-                ] {
-                    let (Some(stats), Some(t)) = (meta.get(stat_key), t) else { continue };
-                    let v: Vec<f32> = t.flatten_all()?.to_vec1()?;
-                    let abs_sum: f64 = v.iter().map(|x| x.abs() as f64).sum();
-                    let want = stats.get("abs_sum").and_then(Value::as_f64).unwrap_or(f64::NAN);
-                    out.push(GoldenCheck {
-                        name: format!("preprocess/{set}.{name}.{stat_key}.abs_sum"),
-                        measure: Measure::RelErr { worst: (abs_sum - want).abs() / want, tolerance: 1e-6 },
-                        gating: true,
-                    });
-                }
-            }
+            let img = step3::vision::load_image(&file, cfg.max_pixels)?;
+            let p = step3::vision::preprocess(&img, &cfg)?;
+            let golden = Golden { set, name: &name, meta: &meta, json: &json, tensors: &tensors };
+            out.extend(golden.check_structure(&p)?);
+            out.extend(golden.check_pixels(&p, step)?);
         }
     }
     Ok(out)
+}
+
+/// The preprocessing goldens of one image: `meta` (its JSON entry) and `tensors` (keys
+/// `<image>.<what>`) of the set `set` (whose JSON is `json`).
+struct Golden<'a> {
+    set: &'a str,
+    name: &'a str,
+    meta: &'a Value,
+    json: &'a Value,
+    tensors: &'a HashMap<String, Tensor>,
+}
+
+impl Golden<'_> {
+    /// The check's name: `preprocess/<set>.<image>.<what>`.
+    fn key(&self, what: &str) -> String {
+        format!("preprocess/{}.{}.{what}", self.set, self.name)
+    }
+
+    fn tensor(&self, what: &str) -> Option<&Tensor> {
+        self.tensors.get(&format!("{}.{what}", self.name))
+    }
+
+    fn same(&self, what: &str, equal: bool) -> GoldenCheck {
+        GoldenCheck { name: self.key(what), measure: Measure::Same { equal }, gating: true }
+    }
+
+    /// Crop count, newline flags, token layout, geometry and the 8-bit intermediate images.
+    fn check_structure(&self, p: &PreprocessedImage) -> Result<Vec<GoldenCheck>> {
+        use sha2::{Digest, Sha256};
+        let meta = self.meta;
+        let mut out = vec![
+            self.same("num_patches", meta.get("num_patches").and_then(Value::as_u64) == Some(p.num_crops() as u64))
+        ];
+        let mask: Vec<bool> = meta
+            .get("patch_newline_mask")
+            .and_then(Value::as_array)
+            .map(|a| a.iter().filter_map(Value::as_bool).collect())
+            .unwrap_or_default();
+        out.push(self.same("patch_newline_mask", mask == p.newline_mask));
+        let tokens = |k: &str| {
+            let set = self.set;
+            self.json
+                .get(k)
+                .and_then(Value::as_u64)
+                .map(|v| v as usize)
+                .with_context(|| format!("{set}.json lacks {k}"))
+        };
+        let layout = ImageLayout {
+            newline_mask: p.newline_mask.clone(),
+            crop_tokens: tokens("num_patch_feature_size")?,
+            global_tokens: tokens("num_image_feature_size")?,
+        };
+        let segs: Vec<(String, u64)> = meta
+            .get("token_layout_segments")
+            .and_then(Value::as_array)
+            .map(|a| a.iter().filter_map(|s| Some((s.get(0)?.as_str()?.to_string(), s.get(1)?.as_u64()?))).collect())
+            .unwrap_or_default();
+        let ours: Vec<(String, u64)> = layout.segments().into_iter().map(|(n, c)| (n.to_string(), c as u64)).collect();
+        out.push(self.same("token_layout_segments", segs == ours));
+        if let Some(g) = meta.get("geometry") {
+            let eq = |k: &str, v: Value| g.get(k) == Some(&v);
+            let geo = &p.geometry;
+            let ok = eq("original_size", serde_json::json!(geo.original_size))
+                && eq("resized_size", serde_json::json!(geo.resized_size))
+                && eq("square_padded", serde_json::json!(geo.square_padded))
+                && eq("window_size", serde_json::json!(geo.window_size))
+                && g.get("crop_canvas_size").is_none_or(|c| *c == serde_json::json!(geo.crop_canvas_size))
+                && g.get("boxes_xywh").is_none_or(|b| *b == serde_json::json!(geo.boxes));
+            out.push(self.same("geometry", ok));
+        }
+        let sha = |img: &image::RgbImage| format!("{:x}", Sha256::digest(img.as_raw()));
+        for (what, img) in [("resized_u8", Some(&p.global_u8)), ("crop_canvas_u8", p.canvas_u8.as_ref())] {
+            let want = meta.get(format!("{what}_sha256")).and_then(Value::as_str);
+            if let (Some(h), Some(img)) = (want, img) {
+                out.push(self.same(&format!("{what}_sha256"), sha(img) == h));
+            }
+        }
+        for (what, img, step) in [
+            ("resized_u8", Some(&p.global_u8), 1),
+            ("crop_canvas_u8", p.canvas_u8.as_ref(), 1),
+            ("crop_canvas_u8_sub7", p.canvas_u8.as_ref(), 7),
+        ] {
+            if let (Some(g), Some(img)) = (self.tensor(what), img) {
+                let (w, h) = (img.width() as usize, img.height() as usize);
+                let ours = every_nth(&Tensor::from_vec(img.as_raw().clone(), (h, w, 3), &Device::Cpu)?, step, [0, 1])?;
+                out.push(self.same(what, ours.dims() == g.dims() && max_abs_diff(&ours, g)? == 0.0));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The normalised pixel tensors: whole (`step` 1), or every `step`-th pixel plus the
+    /// absolute sums of the whole tensors.
+    fn check_pixels(&self, p: &PreprocessedImage, step: usize) -> Result<Vec<GoldenCheck>> {
+        let mut out = Vec::new();
+        let suffix = if step == 1 { String::new() } else { format!("_sub{step}") };
+        for (what, t) in
+            [("pixel_values", Some(&p.pixel_values)), ("patch_pixel_values", p.patch_pixel_values.as_ref())]
+        {
+            let Some(t) = t else { continue };
+            let what_sub = format!("{what}{suffix}");
+            let golden = self
+                .tensor(&what_sub)
+                .with_context(|| format!("{}.safetensors lacks {}.{what_sub}", self.set, self.name))?;
+            out.push(pixel_check(self.key(&what_sub), &every_nth(t, step, [2, 3])?, golden)?);
+            if let (Some(stats), true) = (self.meta.get(format!("{what}_stats")), step > 1) {
+                let v: Vec<f32> = t.flatten_all()?.to_vec1()?;
+                let abs_sum: f64 = v.iter().map(|x| x.abs() as f64).sum();
+                let want = stats.get("abs_sum").and_then(Value::as_f64).unwrap_or(f64::NAN);
+                out.push(GoldenCheck {
+                    name: self.key(&format!("{what}_stats.abs_sum")),
+                    measure: Measure::RelErr { worst: (abs_sum - want).abs() / want, tolerance: 1e-6 },
+                    gating: true,
+                });
+            }
+        }
+        Ok(out)
+    }
 }
 
 /// `moe-renorm-f32` also stores logits computed with renormalisation switched off: the same
@@ -648,7 +647,7 @@ fn check_renorm_flag(ckpt: &Step3Checkpoint, goldens: &Goldens, device: &Device)
     let mut config = ckpt.config().text.clone();
     config.norm_expert_weight = false;
     let vb = ckpt.var_builder(DType::F32, device);
-    let model = Step3TextModel::new(&config, ckpt.weight_format(step3_model::Fp8Storage::Compact), vb)?;
+    let model = Step3TextModel::new(&config, ckpt.weight_format(step3::Fp8Storage::Compact), vb)?;
     let judge = Judge { tolerance: F32_TOLERANCE, floats_gate: true, ids_gate: true, tag: "" };
     let mut out = Vec::new();
     for seq in goldens.sequences("no_renorm.text") {

@@ -209,7 +209,7 @@ fn vit(a: VitArgs) -> Result<ExitCode> {
     let full_layers = 63;
     let mut cfg = step3::VisionConfig {
         hidden_size: 1792,
-        intermediate_size: 15360,
+        intermediate_size: Some(15360),
         num_hidden_layers: 0,
         num_attention_heads: 16,
         num_channels: 3,

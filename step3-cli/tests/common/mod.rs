@@ -7,8 +7,13 @@ use std::process::{Command, Output};
 
 use candle_core::{Device, Tensor};
 
+/// The repository's root (this package sits one level below it).
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
 pub fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/step3-tiny")
+    repo_root().join("tests/fixtures/step3-tiny")
 }
 
 /// A fixture checkpoint's `golden.json`.

@@ -39,7 +39,7 @@ fn generate_with_two_images_gives_the_golden_tokens() {
     let out = step3(&args);
     assert!(out.status.success(), "{}", stderr(&out));
     let golden = read_tensors(&fixtures().join("vl-f32/golden.safetensors"));
-    let err = step3::verify::relative_error(&read_tensors(&file)["logits"], &golden["mm.prefill_logits"]).unwrap();
+    let err = step3_cli::verify::relative_error(&read_tensors(&file)["logits"], &golden["mm.prefill_logits"]).unwrap();
     assert!(err < 1e-4, "{err}");
 }
 
@@ -146,7 +146,7 @@ fn preprocess_prints_the_layout_and_writes_the_tensors() {
     let t = read_tensors(&file);
     let gt = read_tensors(&fixtures().join("preprocess/tiny.safetensors"));
     for k in ["pixel_values", "patch_pixel_values"] {
-        assert_eq!(step3::verify::max_abs_diff(&t[k], &gt[&format!("band_800x450.{k}")]).unwrap(), 0.0, "{k}");
+        assert_eq!(step3_cli::verify::max_abs_diff(&t[k], &gt[&format!("band_800x450.{k}")]).unwrap(), 0.0, "{k}");
     }
     // Real settings without a model: Step3's 728 / 504 and 169 / 81 tokens per view.
     let out = step3(&["preprocess", "--image", &image("square_64x48.png"), "--out", file.to_str().unwrap()]);

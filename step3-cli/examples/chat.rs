@@ -7,25 +7,24 @@
 //! ```
 //!
 //! Interactive commands: `/image PATH` (attach to your next message), `/reset` (forget the
-//! conversation), `/quit`.
+//! conversation), `/help`, `/quit`. Piped input is echoed on stderr, so a transcript reads in order.
 
 use std::io::{BufRead, IsTerminal, Write};
 use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::Parser;
-use step3::{DType, Device, Event, GenerateOptions, Message, Step3};
+use step3::{Event, GenerateOptions, Message};
+use step3_cli::{ModelArgs, SamplingArgs};
 
 /// Chat with Step3: multi-turn from stdin, or one answer with --prompt.
 #[derive(Parser)]
 #[command(name = "chat")]
 struct Args {
-    /// A Hugging Face repo id (stepfun-ai/step3, stepfun-ai/step3-fp8, owner/name@revision) or a
-    /// model directory. Default: the bundled demo checkpoint (random weights).
-    #[arg(long)]
-    model: Option<String>,
+    #[command(flatten)]
+    model: ModelArgs,
     /// Answer this one message and exit.
     #[arg(long)]
     prompt: Option<String>,
@@ -35,44 +34,15 @@ struct Args {
     /// A system prompt.
     #[arg(long)]
     system: Option<String>,
-    /// 0 = greedy (default: the model's generation_config.json, else 0.7).
-    #[arg(long, allow_negative_numbers = true)]
-    temperature: Option<f64>,
-    #[arg(long, allow_negative_numbers = true)]
-    top_p: Option<f64>,
-    #[arg(long)]
-    top_k: Option<usize>,
-    #[arg(long, default_value_t = 299792458)]
-    seed: u64,
-    #[arg(long, default_value_t = 512)]
-    max_new_tokens: usize,
-    #[arg(long, default_value_t = 1.0)]
-    repetition_penalty: f32,
+    #[command(flatten)]
+    sampling: SamplingArgs,
     /// Do not show the reasoning (it is shown dimmed otherwise).
     #[arg(long)]
     hide_reasoning: bool,
-    /// cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
-    device: String,
-    /// f32, bf16 or f16 (default: f32 on the CPU, bf16 on CUDA).
-    #[arg(long)]
-    dtype: Option<String>,
-    /// Use only the local Hugging Face cache.
-    #[arg(long)]
-    offline: bool,
-    /// Side of the local image crops, when the model needs a non-default one.
-    #[arg(long)]
-    crop_size: Option<usize>,
 }
 
-/// The dtype: as given, else f32 on the CPU (candle's fastest CPU dtype) and bf16 on CUDA.
-fn dtype(s: Option<&str>, device: &Device) -> Result<DType> {
-    Ok(match s {
-        Some(s) => step3::parse_dtype(s)?,
-        None if device.is_cpu() => DType::F32,
-        None => DType::BF16,
-    })
-}
+const HELP: &str = "/image PATH attaches an image to your next message, /reset forgets the conversation, \
+                    /help shows this, /quit leaves.";
 
 /// Prints events as they come: reasoning dimmed (or between <think> tags when not a terminal).
 struct Printer {
@@ -104,14 +74,7 @@ impl Printer {
             Event::Done(stats) => {
                 self.close_reasoning(&mut out);
                 let _ = writeln!(out);
-                eprintln!(
-                    "[{} prompt tokens, {} generated ({:?}); prefill {:.1} tok/s, decode {:.1} tok/s]",
-                    stats.prompt_tokens,
-                    stats.generated_tokens,
-                    stats.finish,
-                    stats.prefill_tokens_per_sec(),
-                    stats.decode_tokens_per_sec()
-                );
+                eprintln!("[{}]", step3_cli::args::describe_stats(stats));
             }
         }
         let _ = out.flush();
@@ -126,51 +89,14 @@ impl Printer {
 }
 
 fn run(args: Args) -> Result<()> {
-    let dev = step3::parse_device(&args.device)?;
-    let dt = dtype(args.dtype.as_deref(), &dev)?;
-    let demo = args.model.is_none();
-    let source = args.model.clone().unwrap_or_else(|| step3::demo::demo_dir().to_string_lossy().into_owned());
-    let opts = GenerateOptions {
-        temperature: args.temperature,
-        top_p: args.top_p,
-        top_k: args.top_k,
-        seed: args.seed,
-        max_new_tokens: args.max_new_tokens,
-        repetition_penalty: args.repetition_penalty,
-        ..Default::default()
-    };
-    if let Some(t) = opts.temperature {
-        if !(t.is_finite() && t >= 0.0) {
-            bail!("--temperature must be a number >= 0, got {t}");
-        }
-    }
-    if let Some(p) = opts.top_p {
-        if !(p > 0.0 && p <= 1.0) {
-            bail!("--top-p must be in (0, 1], got {p}");
-        }
-    }
+    args.sampling.validate()?;
+    let opts = args.sampling.options();
     if let Some(p) = &args.prompt {
         if p.trim().is_empty() && args.images.is_empty() {
             bail!("--prompt is empty");
         }
     }
-    if demo {
-        eprintln!(
-            "Using the bundled demo checkpoint ({}): Step3's architecture at toy size with random weights, \
-             so its answers are noise.\nFor the real model: cargo run --release --features cuda --example chat -- \
-             --model stepfun-ai/step3-fp8 --device cuda   (or --model DIR for a local copy)",
-            step3::demo::demo_dir().display()
-        );
-    }
-    let mut builder = Step3::from_pretrained(source.clone()).device(dev).dtype(dt);
-    if args.offline {
-        builder = builder.offline(true);
-    }
-    builder = builder.progress(true, Some(step3::LoadProgress(std::sync::Arc::new(|_, _| {}))));
-    if let Some(c) = args.crop_size {
-        builder = builder.crop_size(c);
-    }
-    let model = builder.build().with_context(|| format!("loading {source}"))?;
+    let model = args.model.load()?;
     let mut printer =
         Printer { tty: std::io::stdout().is_terminal(), hide_reasoning: args.hide_reasoning, in_reasoning: false };
     let mut history: Vec<Message> = args.system.iter().map(Message::system).collect();
@@ -203,16 +129,8 @@ fn run(args: Args) -> Result<()> {
     if let Some(prompt) = args.prompt {
         return answer(&mut history, prompt, pending_images, &mut printer);
     }
-    if demo {
-        // Show a streamed answer straight away.
-        let greeting = "Hello! Who are you?";
-        eprintln!("> {greeting}");
-        answer(&mut history, greeting.to_string(), std::mem::take(&mut pending_images), &mut printer)?;
-    }
     let interactive = std::io::stdin().is_terminal();
-    if interactive {
-        eprintln!("Type a message; /image PATH attaches an image to the next one, /reset forgets the conversation, /quit leaves.");
-    }
+    eprintln!("Type a message; {HELP}");
     let stdin = std::io::stdin();
     loop {
         if interactive {
@@ -224,8 +142,13 @@ fn run(args: Args) -> Result<()> {
             break;
         }
         let line = line.trim();
+        if !interactive && !line.is_empty() {
+            // Piped input: show what is being answered.
+            eprintln!("> {line}");
+        }
         match line.split_once(' ').map_or((line, ""), |(c, r)| (c, r.trim())) {
             ("/quit" | "/exit", _) => break,
+            ("/help", _) => eprintln!("{HELP}"),
             ("/reset", _) => {
                 history.retain(|m| m.role == step3::Role::System);
                 pending_images.clear();
@@ -240,6 +163,7 @@ fn run(args: Args) -> Result<()> {
                 }
             }
             ("/image", _) => eprintln!("usage: /image PATH"),
+            (cmd, _) if cmd.starts_with('/') => eprintln!("unknown command {cmd}, try /help"),
             _ if line.is_empty() => {}
             _ => {
                 if let Err(e) =

@@ -4,8 +4,8 @@
 mod common;
 
 use common::*;
-use step3::verify::relative_error;
 use step3::{DType, Device, Step3Checkpoint};
+use step3_cli::verify::relative_error;
 
 fn prefill_logits(dir: &std::path::Path, dtype: DType) -> candle_core::Tensor {
     let ids = [252u32, 89, 59, 131, 19, 16, 159, 255, 87, 55, 100];

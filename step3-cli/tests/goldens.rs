@@ -7,8 +7,8 @@
 mod common;
 
 use common::fixtures;
-use step3::verify::{verify_fixtures, GoldenCheck, Measure};
 use step3::{DType, Device};
+use step3_cli::verify::{verify_fixtures, GoldenCheck, Measure};
 
 fn run(dtype: DType) -> Vec<GoldenCheck> {
     let checks = verify_fixtures(&fixtures(), dtype, &Device::Cpu).expect("fixtures run");
