@@ -21,16 +21,15 @@
 //! # Ok(()) }
 //! ```
 
-use std::collections::VecDeque;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
+use step3_engine::{self as engine, Engine, EngineConfig, EngineError, Prompt, Request, RequestHandle};
 use step3_model::hub::{self, HubOptions, ModelSource};
 use step3_model::{
-    ChatTemplate, Error, FinishReason, Fp8Storage, GenerateOptions, GenerationConfig, Generator, LoadOptions,
-    LoadProgress, Message, OutputEvent, PreprocessedImage, Result, SamplingParams, Stats, Step3Checkpoint, Step3Model,
-    Step3Tokenizer, TextDecoder, ToolCall,
+    Error, FinishReason, Fp8Storage, GenerateOptions, GenerationConfig, ImageSource, LoadOptions, LoadProgress,
+    Message, PreprocessedImage, Result, Sampled, SamplingParams, Stats, Step3Model, Step3Tokenizer, ToolCall,
 };
 
 use crate::{DType, Device};
@@ -45,6 +44,7 @@ pub struct Step3Builder {
     crop_size: Option<usize>,
     hub: HubOptions,
     progress: Option<LoadProgress>,
+    engine: EngineConfig,
 }
 
 /// What a builder loads: a string to parse (repo id or path) or a directory.
@@ -99,24 +99,28 @@ impl Step3Builder {
         self
     }
 
+    /// How the engine batches requests and sizes its KV cache (see [`EngineConfig`]).
+    pub fn engine(mut self, config: EngineConfig) -> Self {
+        self.engine = config;
+        self
+    }
+
     /// Resolves the source (downloading what is missing unless offline), checks and loads the
-    /// weights, the tokenizer and the chat template.
+    /// weights, the tokenizer and the chat template, and starts the engine.
     pub fn build(self) -> Result<Step3> {
         let source = match self.source {
             BuilderSource::Spec(s) => ModelSource::parse(&s)?,
             BuilderSource::Dir(d) => ModelSource::Dir(d),
         };
         let dir = hub::resolve(&source, &self.hub)?;
-        Step3::load_dir(
-            &dir,
-            &LoadOptions {
-                dtype: self.dtype.unwrap_or_else(|| default_dtype(&self.device)),
-                device: self.device,
-                fp8: self.fp8,
-                crop_size: self.crop_size,
-                progress: self.progress,
-            },
-        )
+        let opts = LoadOptions {
+            dtype: self.dtype.unwrap_or_else(|| default_dtype(&self.device)),
+            device: self.device,
+            fp8: self.fp8,
+            crop_size: self.crop_size,
+            progress: self.progress,
+        };
+        Step3::load_dir(&dir, &opts, self.engine)
     }
 }
 
@@ -150,17 +154,17 @@ pub struct Response {
     pub tool_calls: Vec<ToolCall>,
     /// The generated token ids (the end-of-turn token included when it stopped generation).
     pub tokens: Vec<u32>,
+    /// Per token, when `GenerateOptions::logprobs` asked for them.
+    pub logprobs: Vec<Sampled>,
     pub stats: Stats,
 }
 
-/// Step3, ready to chat: the model, its tokenizer and chat format, and its generation settings.
+/// Step3, ready to chat: the model with its tokenizer, chat format and generation settings, served
+/// by an [`Engine`] (every call below is a request to it, so threads may share one `Step3` and
+/// their requests are batched together).
 #[derive(Debug)]
 pub struct Step3 {
-    model: Step3Model,
-    /// `None` for a checkpoint without `tokenizer.json` (token ids in, token ids out).
-    tokenizer: Option<Step3Tokenizer>,
-    template: Option<ChatTemplate>,
-    generation: GenerationConfig,
+    engine: Engine,
     dir: PathBuf,
 }
 
@@ -185,29 +189,18 @@ impl Step3 {
             crop_size: None,
             hub: HubOptions::from_env(),
             progress: None,
+            engine: EngineConfig::default(),
         }
     }
 
-    /// Loads a local directory. Without `tokenizer.json` the model still runs on token ids
-    /// ([`Self::complete`]); chat needs the tokenizer.
-    pub fn load_dir(dir: &Path, opts: &LoadOptions) -> Result<Self> {
-        let ckpt = Step3Checkpoint::open(dir)?;
-        let tokenizer = if dir.join("tokenizer.json").is_file() { Some(Step3Tokenizer::from_dir(dir)?) } else { None };
-        let template = tokenizer.as_ref().map(ChatTemplate::for_tokenizer).transpose()?;
-        let generation = GenerationConfig::load(dir, ckpt.config(), tokenizer.as_ref())?;
-        // Image markers must agree between the tokenizer and config.json.
-        let image_id = ckpt.config().image_token_id;
-        if let (Some(cfg), Some(tok)) = (image_id, tokenizer.as_ref().and_then(|t| t.token_id("<im_patch>"))) {
-            if cfg != tok {
-                return Err(Error::key(
-                    &ckpt.config().path,
-                    "image_token_id",
-                    format!("is {cfg}, but the tokenizer's <im_patch> is {tok}"),
-                ));
-            }
-        }
-        let model = ckpt.load(opts)?;
-        Ok(Self { model, tokenizer, template, generation, dir: dir.to_path_buf() })
+    /// Loads a local directory and starts its engine. Without `tokenizer.json` the model still
+    /// runs on token ids ([`Self::complete`]); chat needs the tokenizer.
+    pub fn load_dir(dir: &Path, opts: &LoadOptions, engine: EngineConfig) -> Result<Self> {
+        let engine = Engine::load(dir, opts, engine).map_err(|e| match e {
+            EngineError::Model(e) => e,
+            other => Error::Input(other.to_string()),
+        })?;
+        Ok(Self { engine, dir: dir.to_path_buf() })
     }
 
     /// Where the model's files are.
@@ -215,105 +208,67 @@ impl Step3 {
         &self.dir
     }
 
+    /// The engine serving this model (submit requests directly, read its metrics).
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
     pub fn model(&self) -> &Step3Model {
-        &self.model
+        self.engine.model()
     }
 
     /// The checkpoint's stop tokens and sampling defaults.
     pub fn generation_config(&self) -> &GenerationConfig {
-        &self.generation
+        self.engine.generation_config()
     }
 
-    /// The tokenizer, or an error naming the missing file.
+    /// The tokenizer, or an error saying the checkpoint has none.
     pub fn tokenizer(&self) -> Result<&Step3Tokenizer> {
-        self.tokenizer.as_ref().ok_or_else(|| {
-            Error::Input(format!(
-                "{} has no tokenizer.json: give token ids, or add the checkpoint's tokenizer files",
-                self.dir.display()
-            ))
-        })
+        self.engine.require_tokenizer()
     }
 
     /// The prompt text a conversation becomes (with the generation prompt).
     pub fn render(&self, messages: &[Message]) -> Result<String> {
-        self.tokenizer()?;
-        match &self.template {
-            Some(t) => t.render(messages, true),
-            None => Err(Error::Input("this checkpoint has no chat template".into())),
-        }
+        self.engine.render(messages)
     }
 
     /// Prompt token ids of a conversation, images expanded to their full layouts, and the
     /// preprocessed images in prompt order.
     pub fn prompt(&self, messages: &[Message]) -> Result<(Vec<u32>, Vec<PreprocessedImage>)> {
-        let (ids, images, _) = self.prepare(messages)?;
-        Ok((ids, images))
-    }
-
-    /// [`Self::prompt`], and whether the rendered prompt opens the reasoning (ends in `<think>`).
-    fn prepare(&self, messages: &[Message]) -> Result<(Vec<u32>, Vec<PreprocessedImage>, bool)> {
-        if messages.iter().all(|m| m.text.trim().is_empty() && m.images.is_empty()) {
-            return Err(Error::Input("the prompt is empty".into()));
-        }
-        let text = self.render(messages)?;
-        let (ids, images) = self.encode(&text, messages.iter().flat_map(|m| &m.images))?;
-        Ok((ids, images, text.trim_end().ends_with(step3_model::tokenizer::THINK)))
+        let p = self.engine.prepare(&Prompt::Chat(messages.to_vec()))?;
+        Ok((p.ids, p.images))
     }
 
     /// Token ids of raw text (no chat template) with `images` filling its `<im_patch>`
     /// placeholders, and the preprocessed images. One `<im_patch>` per image is expanded to the
     /// image's whole layout; text without any gets one per image in front, as a chat message does.
-    pub fn encode<'p>(
-        &self,
-        text: &str,
-        images: impl IntoIterator<Item = &'p PathBuf>,
-    ) -> Result<(Vec<u32>, Vec<PreprocessedImage>)> {
-        let tok = self.tokenizer()?;
-        let images = images.into_iter().map(|p| self.model.load_image(p)).collect::<Result<Vec<_>>>()?;
-        if images.is_empty() {
-            return Ok((tok.encode(text)?, images));
-        }
-        const PLACEHOLDER: &str = "<im_patch>";
-        let ids = match text.contains(PLACEHOLDER) {
-            true => tok.encode(text)?,
-            false => tok.encode(&format!("{}{text}", PLACEHOLDER.repeat(images.len())))?,
-        };
-        let ids = self.model.expand_placeholders(&ids, &images, &tok.image_token_ids()?)?;
-        Ok((ids, images))
+    pub fn encode(&self, text: &str, images: &[ImageSource]) -> Result<(Vec<u32>, Vec<PreprocessedImage>)> {
+        let p = self.engine.prepare(&Prompt::Text { text: text.to_string(), images: images.to_vec() })?;
+        Ok((p.ids, p.images))
     }
 
     /// The resolved settings of a request (its own, else the checkpoint's, else the defaults).
     pub fn sampling(&self, opts: &GenerateOptions) -> SamplingParams {
-        self.generation.sampling(opts)
+        self.engine.generation_config().sampling(opts)
+    }
+
+    fn submit(&self, prompt: Prompt, opts: &GenerateOptions) -> Result<Stream> {
+        let handle =
+            self.engine.submit(Request { prompt, options: opts.clone() }).map_err(|e| Error::Input(e.to_string()))?;
+        Ok(Stream { handle, tokens: Vec::new(), logprobs: Vec::new(), done: false })
     }
 
     /// Streams the answer to `messages` as [`Event`]s.
-    pub fn stream<'a>(&'a self, messages: &[Message], opts: &GenerateOptions) -> Result<Stream<'a>> {
-        let (ids, images, opens_reasoning) = self.prepare(messages)?;
-        self.stream_ids(&ids, &images, opens_reasoning, opts)
+    pub fn stream(&self, messages: &[Message], opts: &GenerateOptions) -> Result<Stream> {
+        self.submit(Prompt::Chat(messages.to_vec()), opts)
     }
 
     /// Streams a continuation of raw prompt token ids (no chat template), with `images` filling
-    /// the prompt's `<im_patch>` placeholders. `opens_reasoning`: the prompt ends inside `<think>`.
-    /// Without a tokenizer the events carry no text, only the final [`Event::Done`].
-    pub fn stream_ids<'a>(
-        &'a self,
-        ids: &[u32],
-        images: &[PreprocessedImage],
-        opens_reasoning: bool,
-        opts: &GenerateOptions,
-    ) -> Result<Stream<'a>> {
-        let params = self.sampling(opts);
-        params.validate()?;
-        let embeds = self.model.embed(ids, images)?;
-        let generator = Generator::new(&self.model.text, ids, Some(embeds), &params)?;
-        Ok(Stream {
-            owner: self,
-            generator,
-            decoder: TextDecoder::new(opts.stop.clone(), opens_reasoning),
-            queue: VecDeque::new(),
-            done: false,
-        })
+    /// the prompt's `<im_patch>` placeholders (one per image, or their full layouts). The answer
+    /// counts as reasoning when the prompt ends with `<think>`. Without a tokenizer the events
+    /// carry no text, only the final [`Event::Done`].
+    pub fn stream_ids(&self, ids: &[u32], images: &[ImageSource], opts: &GenerateOptions) -> Result<Stream> {
+        self.submit(Prompt::Tokens { ids: ids.to_vec(), images: images.to_vec() }, opts)
     }
 
     /// Generates a whole answer, calling `on_event` for every piece as it comes; returning
@@ -324,7 +279,7 @@ impl Step3 {
         opts: &GenerateOptions,
         on_event: impl FnMut(&Event) -> ControlFlow<()>,
     ) -> Result<Response> {
-        collect(self.stream(messages, opts)?, on_event)
+        self.stream(messages, opts)?.collect_with(on_event)
     }
 
     /// Generates a whole answer.
@@ -332,104 +287,97 @@ impl Step3 {
         self.generate_with(messages, opts, |_| ControlFlow::Continue(()))
     }
 
+    /// Continues raw text (no chat template; images fill its `<im_patch>` placeholders, or one
+    /// each in front when it has none).
+    pub fn complete_text(&self, text: &str, images: &[ImageSource], opts: &GenerateOptions) -> Result<Response> {
+        self.submit(Prompt::Text { text: text.to_string(), images: images.to_vec() }, opts)?
+            .collect_with(|_| ControlFlow::Continue(()))
+    }
+
     /// Continues raw prompt token ids (no chat template; images fill the `<im_patch>`
-    /// placeholders). The answer counts as reasoning only if `opens_reasoning`.
-    pub fn complete(
-        &self,
-        ids: &[u32],
-        images: &[PreprocessedImage],
-        opens_reasoning: bool,
-        opts: &GenerateOptions,
-    ) -> Result<Response> {
-        collect(self.stream_ids(ids, images, opens_reasoning, opts)?, |_| ControlFlow::Continue(()))
+    /// placeholders).
+    pub fn complete(&self, ids: &[u32], images: &[ImageSource], opts: &GenerateOptions) -> Result<Response> {
+        self.stream_ids(ids, images, opts)?.collect_with(|_| ControlFlow::Continue(()))
     }
 }
 
-/// Drains a stream into a [`Response`], showing every event to `on_event`.
-fn collect(mut stream: Stream<'_>, mut on_event: impl FnMut(&Event) -> ControlFlow<()>) -> Result<Response> {
-    let (mut text, mut reasoning, mut tool_calls) = (String::new(), String::new(), Vec::new());
-    while let Some(event) = stream.next() {
-        let event = event?;
-        let flow = on_event(&event);
-        match event {
-            Event::Reasoning(s) => reasoning.push_str(&s),
-            Event::Text(s) => text.push_str(&s),
-            Event::ToolCall(t) => tool_calls.push(t),
-            Event::Done(stats) => {
-                let tokens = stream.generator.generated().to_vec();
-                return Ok(Response { text, reasoning, tool_calls, tokens, stats });
-            }
-        }
-        if flow.is_break() {
-            stream.cancel();
-        }
-    }
-    Err(Error::Input("generation ended without its final event".into()))
-}
-
-/// A generation in progress, yielding [`Event`]s; the last one is [`Event::Done`].
-pub struct Stream<'a> {
-    owner: &'a Step3,
-    generator: Generator<'a>,
-    decoder: TextDecoder,
-    queue: VecDeque<Event>,
+/// A generation in progress, yielding [`Event`]s; the last one is [`Event::Done`]. Dropping it
+/// cancels the request.
+pub struct Stream {
+    handle: RequestHandle,
+    tokens: Vec<u32>,
+    logprobs: Vec<Sampled>,
     done: bool,
 }
 
-impl Stream<'_> {
-    /// Stops after the events already produced.
+impl Stream {
+    /// Stops after the events already produced (the stream then ends with `Done`, finish
+    /// `Cancelled`).
     pub fn cancel(&mut self) {
-        self.generator.stop(FinishReason::Cancelled);
+        self.handle.cancel();
     }
 
-    fn push_events(&mut self, events: Vec<OutputEvent>) {
-        self.queue.extend(events.into_iter().map(|e| match e {
-            OutputEvent::Reasoning(s) => Event::Reasoning(s),
-            OutputEvent::Content(s) => Event::Text(s),
-            OutputEvent::ToolCall(t) => Event::ToolCall(t),
-        }));
+    /// The generated token ids so far.
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
     }
 
-    fn step(&mut self) -> Result<()> {
-        let tok = self.owner.tokenizer.as_ref();
-        match (self.generator.next_token()?, tok) {
-            (Some(id), _) if matches!(self.generator.finish_reason(), Some(FinishReason::Stop(s)) if s == id) => {}
-            (Some(id), Some(tok)) => {
-                let events = self.decoder.push(tok, id)?;
-                self.push_events(events);
-                if self.decoder.hit_stop_string() {
-                    self.generator.stop(FinishReason::StopString);
+    /// Drains the stream into a [`Response`], showing every event to `on_event`.
+    pub fn collect_with(mut self, mut on_event: impl FnMut(&Event) -> ControlFlow<()>) -> Result<Response> {
+        let (mut text, mut reasoning, mut tool_calls) = (String::new(), String::new(), Vec::new());
+        while let Some(event) = self.next() {
+            let event = event?;
+            let flow = on_event(&event);
+            match event {
+                Event::Reasoning(s) => reasoning.push_str(&s),
+                Event::Text(s) => text.push_str(&s),
+                Event::ToolCall(t) => tool_calls.push(t),
+                Event::Done(stats) => {
+                    let (tokens, logprobs) = (std::mem::take(&mut self.tokens), std::mem::take(&mut self.logprobs));
+                    return Ok(Response { text, reasoning, tool_calls, tokens, logprobs, stats });
                 }
             }
-            (Some(_), None) => {}
-            (None, tok) => {
-                if let Some(tok) = tok {
-                    let events = self.decoder.finish(tok)?;
-                    self.push_events(events);
-                }
-                self.queue.push_back(Event::Done(self.generator.stats()));
-                self.done = true;
+            if flow.is_break() {
+                self.cancel();
             }
         }
-        Ok(())
+        Err(Error::Input("generation ended without its final event".into()))
     }
 }
 
-impl Iterator for Stream<'_> {
+impl Iterator for Stream {
     type Item = Result<Event>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        loop {
-            if let Some(e) = self.queue.pop_front() {
-                return Some(Ok(e));
-            }
-            if self.done {
-                return None;
-            }
-            if let Err(e) = self.step() {
-                self.done = true;
-                return Some(Err(e));
+        while !self.done {
+            let event = match self.handle.next_blocking() {
+                Some(e) => e,
+                None => {
+                    self.done = true;
+                    return Some(Err(Error::Input("the engine stopped before the request finished".into())));
+                }
+            };
+            match event {
+                engine::Event::Token(s) => {
+                    self.tokens.push(s.token);
+                    if s.logprob.is_some() {
+                        self.logprobs.push(s);
+                    }
+                }
+                engine::Event::Reasoning(s) => return Some(Ok(Event::Reasoning(s))),
+                engine::Event::Content(s) => return Some(Ok(Event::Text(s))),
+                engine::Event::ToolCall(t) => return Some(Ok(Event::ToolCall(t))),
+                engine::Event::Finished(outcome) => {
+                    self.done = true;
+                    return Some(match (outcome.finish, outcome.error) {
+                        (FinishReason::Error, error) => {
+                            Err(Error::Input(error.unwrap_or_else(|| "the request failed".into())))
+                        }
+                        _ => Ok(Event::Done(outcome.stats)),
+                    });
+                }
             }
         }
+        None
     }
 }

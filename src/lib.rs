@@ -14,6 +14,8 @@ mod api;
 pub mod demo;
 
 pub use api::{default_dtype, Event, Response, Step3, Step3Builder, Stream};
+pub use step3_engine as engine;
+pub use step3_engine::{Engine, EngineConfig, KvCacheSize, MetricsSnapshot};
 
 /// A compute dtype from its name: `f32`, `bf16` or `f16` (long forms accepted).
 pub fn parse_dtype(s: &str) -> Result<DType> {

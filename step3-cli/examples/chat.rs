@@ -105,7 +105,7 @@ fn run(args: Args) -> Result<()> {
     let answer =
         |history: &mut Vec<Message>, text: String, images: Vec<PathBuf>, printer: &mut Printer| -> Result<()> {
             let mut msg = Message::user(text);
-            msg.images = images;
+            msg.images = images.into_iter().map(step3::ImageSource::File).collect();
             history.push(msg);
             // A different (reproducible) seed for every turn of the conversation.
             let turn = history.iter().filter(|m| m.role == step3::Role::User).count() as u64;

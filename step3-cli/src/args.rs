@@ -100,7 +100,7 @@ impl ModelArgs {
             );
         }
         // Every loading error names its file, key or tensor already.
-        Ok(Step3::load_dir(&self.dir()?, &self.load_options()?)?)
+        Ok(Step3::load_dir(&self.dir()?, &self.load_options()?, step3::EngineConfig::default())?)
     }
 }
 

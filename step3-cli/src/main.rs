@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use step3::{DType, Message};
+use step3::{DType, ImageSource, Message};
 use step3_cli::{ModelArgs, SamplingArgs};
 
 mod bench;
@@ -170,19 +170,14 @@ fn generate(a: GenerateArgs) -> Result<ExitCode> {
     a.sampling.validate()?;
     let opts = a.sampling.options();
     let model = a.model.load()?;
+    let images: Vec<ImageSource> = a.images.iter().cloned().map(ImageSource::File).collect();
     let reply = match (&a.prompt.prompt, ids) {
-        (_, Some(ids)) => {
-            let images = a.images.iter().map(|p| model.model().load_image(p)).collect::<step3::Result<Vec<_>>>()?;
-            model.complete(&ids, &images, false, &opts)?
-        }
-        (Some(text), None) if a.raw => {
-            let (ids, images) = model.encode(text, &a.images)?;
-            model.complete(&ids, &images, false, &opts)?
-        }
+        (_, Some(ids)) => model.complete(&ids, &images, &opts)?,
+        (Some(text), None) if a.raw => model.complete_text(text, &images, &opts)?,
         (Some(text), None) => {
             let mut messages: Vec<Message> = a.system.iter().map(Message::system).collect();
             let mut user = Message::user(text.clone());
-            user.images = a.images.clone();
+            user.images = images;
             messages.push(user);
             model.generate(&messages, &opts)?
         }

@@ -381,6 +381,53 @@ fn check_mm(
     check_prompt(&model.text, &ids, Some(&embeds), goldens, key, judge)
 }
 
+/// The greedy goldens of `keys` through the serving engine, all submitted at once (so batched,
+/// over the paged KV cache): the tokens every caller gets.
+fn check_engine(
+    model: Step3Model,
+    fixtures: &Path,
+    goldens: &Goldens,
+    keys: &[(String, Judge)],
+) -> Result<Vec<GoldenCheck>> {
+    let mut requests = Vec::new();
+    for (key, judge) in keys {
+        let meta = goldens.json.get(key.as_str()).or_else(|| goldens.json.get("bf16compute").and_then(|b| b.get(key)));
+        let images: Vec<step3::ImageSource> = names(meta.and_then(|m| m.get("images")))
+            .iter()
+            .map(|n| step3::ImageSource::File(fixtures.join("images").join(format!("{n}.png"))))
+            .collect();
+        let ids = goldens.ids(&format!("{key}.input_ids"))?;
+        let greedy = goldens.ids(&format!("{key}.greedy_tokens"))?;
+        let options = step3::GenerateOptions {
+            temperature: Some(0.0),
+            max_new_tokens: greedy.len(),
+            ignore_eos: true,
+            ..Default::default()
+        };
+        requests.push((
+            key,
+            judge,
+            greedy,
+            step3::engine::Request { prompt: step3::engine::Prompt::Tokens { ids, images }, options },
+        ));
+    }
+    let engine = step3::Engine::new(model, None, step3::GenerationConfig::default(), step3::EngineConfig::default())?;
+    let handles = requests
+        .into_iter()
+        .map(|(key, judge, greedy, req)| Ok((key, judge, greedy, engine.submit(req)?)))
+        .collect::<Result<Vec<_>>>()?;
+    let mut out = Vec::new();
+    for (key, judge, greedy, handle) in handles {
+        let done = handle.wait();
+        if let Some(e) = done.outcome.error {
+            bail!("{}: the engine failed on {key}: {e}", goldens.name);
+        }
+        let name = format!("{}/engine.{key}.greedy_tokens{}", goldens.name, judge.tag);
+        out.push(judge.ids(name, &done.tokens, &greedy));
+    }
+    Ok(out)
+}
+
 /// Absolute tolerance for preprocessing pixel tensors (fixtures README).
 pub const PIXEL_TOLERANCE: f64 = 1e-5;
 
@@ -476,9 +523,15 @@ pub fn verify_fixtures(dir: &Path, dtype: DType, device: &Device) -> Result<Vec<
             )],
             _ => vec![],
         };
+        let mut engine_keys: Vec<(String, Judge)> = Vec::new();
+        for (prefix, judge) in text_prefixes(folder, dtype) {
+            engine_keys.extend(goldens.sequences(prefix).into_iter().map(|seq| (seq, judge)));
+        }
         for (key, judge) in mm {
             checks.extend(check_mm(&model, dir, &goldens, key, judge)?);
+            engine_keys.push((key.to_string(), judge));
         }
+        checks.extend(check_engine(model, dir, &goldens, &engine_keys)?);
     }
     if !found {
         bail!("{} holds none of the fixture folders (preprocess/, {TEXT_FOLDERS:?})", dir.display());

@@ -50,16 +50,16 @@ fn public_api_reproduces_the_golden_tokens() {
     };
     let opts = GenerateOptions { ignore_eos: true, ..greedy(8) };
     for seq in ["text.seq0", "text.seq1"] {
-        let r = model.complete(&ids(&golden[seq]["input_ids"]), &[], false, &opts).unwrap();
+        let r = model.complete(&ids(&golden[seq]["input_ids"]), &[], &opts).unwrap();
         assert_eq!(r.tokens, ids(&golden[seq]["greedy_tokens"]), "{seq}");
         assert_eq!(r.stats.finish, FinishReason::Length);
     }
     // With the two images of the multimodal golden.
     let images: Vec<_> = ["wide_150x62", "grid_760x620"]
         .iter()
-        .map(|n| model.model().load_image(&fixtures().join(format!("images/{n}.png"))).unwrap())
+        .map(|n| step3::ImageSource::File(fixtures().join(format!("images/{n}.png"))))
         .collect();
-    let r = model.complete(&ids(&golden["mm"]["input_ids"]), &images, false, &opts).unwrap();
+    let r = model.complete(&ids(&golden["mm"]["input_ids"]), &images, &opts).unwrap();
     assert_eq!(r.tokens, ids(&golden["mm"]["greedy_tokens"]));
 }
 
@@ -109,7 +109,7 @@ fn a_tokenizer_without_the_chat_markers_is_refused() {
     let model = Step3::from_pretrained(dir.path().to_string_lossy()).build().unwrap();
     let err = model.generate(&[Message::user("hi")], &greedy(2)).unwrap_err().to_string();
     assert!(err.contains("has no tokenizer.json"), "{err}");
-    let r = model.complete(&[1, 2, 3], &[], false, &greedy(2)).unwrap();
+    let r = model.complete(&[1, 2, 3], &[], &greedy(2)).unwrap();
     assert_eq!((r.tokens.len(), r.text.as_str()), (2, ""));
 }
 

@@ -60,7 +60,7 @@ fn placeholders_must_match_the_images() {
     ]);
     assert_eq!(out.status.code(), Some(1));
     assert!(
-        stderr(&out).contains("the prompt has 95 <im_patch> placeholders but the images give 43 features"),
+        stderr(&out).contains("the prompt has 95 <im_patch> tokens but the images give 43 features"),
         "{}",
         stderr(&out)
     );

@@ -2,7 +2,7 @@ use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use step3_nn::{Linear, RmsNorm, WeightFormat};
 
-use crate::{AttentionStep, KvCache, RotaryEmbedding};
+use crate::{AttentionStep, KvCache, PagedKvCache, PagedStep, RotaryEmbedding};
 
 /// The sizes one MFA layer needs (a slice of the model's text config).
 #[derive(Debug, Clone, PartialEq)]
@@ -84,17 +84,55 @@ impl MfaAttention {
         let k = rope.apply(&k, &step.cos, &step.sin)?.reshape((b, t, d))?;
         let v = self.v_proj.forward(xs)?;
         let (k, v) = cache.append(&k, &v)?;
-        let s = k.dim(1)?;
+        let out = self.attend(&q.reshape((b, t * n, d))?, &k, &v, step.mask.as_ref(), t)?;
+        self.o_proj.forward(&out.reshape((b, t, n * d))?)
+    }
 
-        // [B, T·n, d] × [B, d, S]: rows ordered (token, head).
-        let q = q.reshape((b, t * n, d))?;
+    /// [`Self::forward`] over a paged cache: `xs: [N, H]` holds the new tokens of every sequence
+    /// of `step`, flattened (no padding) → `[N, H]`.
+    ///
+    /// The step's K/V are written to their slots first; then each attention group reads its
+    /// sequences' contexts back through their block tables.
+    pub fn forward_paged(
+        &self,
+        xs: &Tensor,
+        rope: &RotaryEmbedding,
+        step: &PagedStep,
+        cache: &PagedKvCache,
+    ) -> Result<Tensor> {
+        let rows = xs.dim(0)?;
+        let (n, d) = (self.num_heads, self.head_dim);
+        let q = self.wq.forward(&self.inter_norm.forward(&self.q_proj.forward(xs)?)?)?;
+        let q = rope.apply(&q.reshape((1, rows, n, d))?, &step.cos, &step.sin)?.reshape((rows, n, d))?;
+        let k = self.k_proj.forward(xs)?.reshape((1, rows, 1, d))?;
+        let k = rope.apply(&k, &step.cos, &step.sin)?.reshape((rows, d))?;
+        let v = self.v_proj.forward(xs)?;
+        cache.write(step, &k, &v)?;
+        let mut outs = Vec::with_capacity(step.groups.len());
+        for g in &step.groups {
+            let q = q.narrow(0, g.row, g.batch * g.q_len)?.reshape((g.batch, g.q_len * n, d))?;
+            let (k, v) = cache.gather(&g.gather)?;
+            let (k, v) = (k.reshape((g.batch, g.s, d))?, v.reshape((g.batch, g.s, d))?);
+            let out = self.attend(&q, &k, &v, g.mask.as_ref(), g.q_len)?;
+            outs.push(out.reshape((g.batch * g.q_len, n * d))?);
+        }
+        let out = if outs.len() == 1 { outs.remove(0) } else { Tensor::cat(&outs, 0)? };
+        self.o_proj.forward(&out)
+    }
+
+    /// Softmax attention of `q: [B, T·n, d]` (rows ordered token, head) over one shared K/V head
+    /// `k, v: [B, S, d]`, with an additive f32 mask `[B or 1, T, 1, S]`: scores and softmax in
+    /// f32, the probabilities cast back to the activation dtype → `[B, T·n, d]`.
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, t: usize) -> Result<Tensor> {
+        let (b, tn, _) = q.dims3()?;
+        let s = k.dim(1)?;
+        // [B, T·n, d] × [B, d, S]: all heads of a sequence in one matmul.
         let scores = (q.matmul(&k.t()?)? * self.scale)?;
-        let mut scores = scores.to_dtype(DType::F32)?.reshape((b, t, n, s))?;
-        if let Some(mask) = &step.mask {
+        let mut scores = scores.to_dtype(DType::F32)?.reshape((b, t, tn / t, s))?;
+        if let Some(mask) = mask {
             scores = scores.broadcast_add(mask)?;
         }
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(xs.dtype())?;
-        let out = probs.reshape((b, t * n, s))?.matmul(&v)?;
-        self.o_proj.forward(&out.reshape((b, t, n * d))?)
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(q.dtype())?;
+        probs.reshape((b, tn, s))?.matmul(v)
     }
 }

@@ -34,13 +34,44 @@ impl Role {
     }
 }
 
+/// An image of a message: a file, or its encoded bytes (PNG, JPEG, WebP, GIF, BMP).
+#[derive(Debug, Clone, PartialEq)]
+pub enum ImageSource {
+    File(PathBuf),
+    Bytes(std::sync::Arc<[u8]>),
+}
+
+impl From<PathBuf> for ImageSource {
+    fn from(p: PathBuf) -> Self {
+        Self::File(p)
+    }
+}
+
+impl From<&std::path::Path> for ImageSource {
+    fn from(p: &std::path::Path) -> Self {
+        Self::File(p.to_path_buf())
+    }
+}
+
+impl From<&str> for ImageSource {
+    fn from(p: &str) -> Self {
+        Self::File(p.into())
+    }
+}
+
+impl From<Vec<u8>> for ImageSource {
+    fn from(bytes: Vec<u8>) -> Self {
+        Self::Bytes(bytes.into())
+    }
+}
+
 /// One turn of a conversation.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Message {
     pub role: Role,
     pub text: String,
-    /// Image files, shown to the model before the text of this turn.
-    pub images: Vec<PathBuf>,
+    /// Images, shown to the model before the text of this turn.
+    pub images: Vec<ImageSource>,
 }
 
 impl Message {
@@ -64,9 +95,9 @@ impl Message {
         Self::new(Role::Tool, text)
     }
 
-    /// Adds an image (shown before the text).
-    pub fn with_image(mut self, path: impl Into<PathBuf>) -> Self {
-        self.images.push(path.into());
+    /// Adds an image (a path or encoded bytes; shown before the text).
+    pub fn with_image(mut self, image: impl Into<ImageSource>) -> Self {
+        self.images.push(image.into());
         self
     }
 

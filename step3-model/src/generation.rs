@@ -228,8 +228,12 @@ pub enum FinishReason {
     Length,
     /// The model's context (`max_position_embedding`) is full.
     Context,
-    /// The caller stopped it.
+    /// The caller stopped it (or went away).
     Cancelled,
+    /// The answer ended with tool calls (a stop token after `<｜tool_calls_end｜>`).
+    ToolCalls,
+    /// The request failed; the error says why.
+    Error,
 }
 
 impl std::fmt::Display for FinishReason {
@@ -240,6 +244,8 @@ impl std::fmt::Display for FinishReason {
             Self::Length => write!(f, "max new tokens reached"),
             Self::Context => write!(f, "the model's context is full"),
             Self::Cancelled => write!(f, "cancelled"),
+            Self::ToolCalls => write!(f, "tool calls"),
+            Self::Error => write!(f, "error"),
         }
     }
 }
@@ -248,17 +254,25 @@ impl std::fmt::Display for FinishReason {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Stats {
     pub prompt_tokens: usize,
+    /// Prompt tokens whose K/V came from the prefix cache (not computed again).
+    pub cached_prompt_tokens: usize,
     pub generated_tokens: usize,
-    /// Prompt processing plus the first token.
+    /// From the first step that ran the prompt to the first token.
     pub prefill_time: Duration,
-    /// Every later token.
+    /// From the first token to the last.
     pub decode_time: Duration,
+    /// From submission (queueing included) to the first token.
+    pub time_to_first_token: Duration,
+    /// The time between consecutive tokens (`generated_tokens − 1` of them).
+    pub token_latencies: Vec<Duration>,
     pub finish: FinishReason,
 }
 
 impl Stats {
+    /// Computed prompt tokens (cached ones excluded) per second of prefill.
     pub fn prefill_tokens_per_sec(&self) -> f64 {
-        self.prompt_tokens as f64 / self.prefill_time.as_secs_f64().max(1e-9)
+        (self.prompt_tokens - self.cached_prompt_tokens.min(self.prompt_tokens)) as f64
+            / self.prefill_time.as_secs_f64().max(1e-9)
     }
 
     /// Decode rate over the tokens after the first.
@@ -292,6 +306,7 @@ pub struct Generator<'m> {
     finish: Option<FinishReason>,
     prefill_time: Duration,
     decode_time: Duration,
+    token_latencies: Vec<Duration>,
 }
 
 impl<'m> Generator<'m> {
@@ -339,6 +354,7 @@ impl<'m> Generator<'m> {
             finish: None,
             prefill_time: Duration::ZERO,
             decode_time: Duration::ZERO,
+            token_latencies: Vec::new(),
         })
     }
 
@@ -392,6 +408,7 @@ impl<'m> Generator<'m> {
             self.prefill_time = start.elapsed();
         } else {
             self.decode_time += start.elapsed();
+            self.token_latencies.push(start.elapsed());
         }
         self.history.push(next);
         let produced = self.generated().len();
@@ -409,9 +426,12 @@ impl<'m> Generator<'m> {
     pub fn stats(&self) -> Stats {
         Stats {
             prompt_tokens: self.prompt_len,
+            cached_prompt_tokens: 0,
             generated_tokens: self.generated().len(),
             prefill_time: self.prefill_time,
             decode_time: self.decode_time,
+            time_to_first_token: self.prefill_time,
+            token_latencies: self.token_latencies.clone(),
             finish: self.finish.unwrap_or(FinishReason::Cancelled),
         }
     }

@@ -37,7 +37,7 @@ pub mod stream;
 mod text;
 pub mod tokenizer;
 
-pub use chat::{ChatTemplate, Message, Role};
+pub use chat::{ChatTemplate, ImageSource, Message, Role};
 pub use checkpoint::{Checkpoint, LoadProgress};
 pub use error::{Error, Result};
 pub use generation::{
@@ -63,5 +63,5 @@ pub use step3_vision::{
 };
 pub use stream::{Detokenizer, OutputEvent, OutputParser, StopStrings, TextDecoder, ToolCall};
 pub use text::{mfa_config, moe_config};
-pub use text::{LayerRouting, Step3Cache, Step3TextModel};
+pub use text::{LayerRouting, Step3Cache, Step3PagedCache, Step3TextModel};
 pub use tokenizer::Step3Tokenizer;

@@ -31,6 +31,17 @@ impl Step3Model {
         }
     }
 
+    /// Decodes and preprocesses an image (a file or encoded bytes) with this model's settings.
+    pub fn image(&self, source: &crate::chat::ImageSource) -> Result<PreprocessedImage> {
+        match source {
+            crate::chat::ImageSource::File(path) => self.load_image(path),
+            crate::chat::ImageSource::Bytes(bytes) => {
+                let img = step3_vision::decode_image(bytes, self.preprocess.max_pixels)?;
+                Ok(step3_vision::preprocess(&img, &self.preprocess)?)
+            }
+        }
+    }
+
     /// Reads and preprocesses an image file with this model's settings.
     pub fn load_image(&self, path: &Path) -> Result<PreprocessedImage> {
         let img = step3_vision::load_image(path, self.preprocess.max_pixels)?;

@@ -3,7 +3,9 @@
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Embedding, VarBuilder};
-use step3_mfa::{KvCache, MfaAttention, MfaConfig, RotaryEmbedding, SequenceTable};
+use step3_mfa::{
+    KvCache, MfaAttention, MfaConfig, PagedKvCache, PagedSequence, PagedStep, RotaryEmbedding, SequenceTable,
+};
 use step3_moe::{MoeBlock, MoeConfig, Routing, SwiGluMlp};
 use step3_nn::{Linear, RmsNorm, WeightFormat};
 
@@ -55,6 +57,7 @@ impl DecoderLayer {
             + ffn
     }
 
+    /// `xs: [B, T, H]` over a contiguous cache.
     fn forward(
         &self,
         xs: &Tensor,
@@ -63,13 +66,31 @@ impl DecoderLayer {
         cache: &mut KvCache,
     ) -> candle_core::Result<(Tensor, Option<Routing>)> {
         let h = (xs + self.self_attn.forward(&self.input_layernorm.forward(xs)?, rope, step, cache)?)?;
-        let z = self.post_attention_layernorm.forward(&h)?;
+        self.feed_forward(&h)
+    }
+
+    /// `xs: [N, H]` (the step's tokens, flattened) over a paged cache.
+    fn forward_paged(
+        &self,
+        xs: &Tensor,
+        rope: &RotaryEmbedding,
+        step: &PagedStep,
+        cache: &PagedKvCache,
+    ) -> candle_core::Result<(Tensor, Option<Routing>)> {
+        let h = (xs + self.self_attn.forward_paged(&self.input_layernorm.forward(xs)?, rope, step, cache)?)?;
+        self.feed_forward(&h)
+    }
+
+    /// The second half of the layer: `h + FFN(norm(h))`, for `h` of any rank with the hidden size
+    /// last.
+    fn feed_forward(&self, h: &Tensor) -> candle_core::Result<(Tensor, Option<Routing>)> {
+        let z = self.post_attention_layernorm.forward(h)?;
         let (ffn, routing) = match &self.ffn {
             FeedForward::Dense(mlp) => (mlp.forward(&z)?, None),
             FeedForward::Moe(moe) => {
-                let (b, t, hidden) = z.dims3()?;
-                let (out, routing) = moe.forward(&z.reshape((b * t, hidden))?)?;
-                (out.reshape((b, t, hidden))?, Some(routing))
+                let hidden = z.dim(candle_core::D::Minus1)?;
+                let (out, routing) = moe.forward(&z.reshape(((), hidden))?)?;
+                (out.reshape(z.shape())?, Some(routing))
             }
         };
         Ok(((h + ffn)?, routing))
@@ -140,6 +161,33 @@ impl Step3Cache {
     pub fn reset(&mut self) {
         self.table.reset();
         self.layers.iter_mut().for_each(KvCache::reset);
+    }
+}
+
+/// Every layer's paged K/V pool (see [`step3_mfa::PagedKvCache`]); which sequence owns which block
+/// is the caller's (the engine's) bookkeeping.
+#[derive(Debug, Clone)]
+pub struct Step3PagedCache {
+    layers: Vec<PagedKvCache>,
+}
+
+impl Step3PagedCache {
+    pub fn num_blocks(&self) -> usize {
+        self.layers.first().map_or(0, PagedKvCache::num_blocks)
+    }
+
+    pub fn block_size(&self) -> usize {
+        self.layers.first().map_or(0, PagedKvCache::block_size)
+    }
+
+    /// Bytes of K/V storage over all layers.
+    pub fn allocated_bytes(&self) -> usize {
+        self.layers.iter().map(PagedKvCache::allocated_bytes).sum()
+    }
+
+    /// One layer's pool.
+    pub fn layer(&self, i: usize) -> Option<&PagedKvCache> {
+        self.layers.get(i)
     }
 }
 
@@ -251,6 +299,62 @@ impl Step3TextModel {
                 Err(e)
             }
         }
+    }
+
+    /// Bytes one paged block of `block_size` slots takes over all layers (K and V).
+    pub fn paged_block_bytes(&self, block_size: usize) -> usize {
+        self.layers.len() * PagedKvCache::block_bytes(block_size, self.config.head_dim, self.dtype)
+    }
+
+    /// A paged cache of `num_blocks` blocks of `block_size` token slots in every layer (allocated
+    /// now, zeroed).
+    pub fn new_paged_cache(&self, num_blocks: usize, block_size: usize) -> Result<Step3PagedCache> {
+        let layers = (0..self.layers.len())
+            .map(|_| PagedKvCache::new(num_blocks, block_size, self.config.head_dim, self.dtype, &self.device))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Step3PagedCache { layers })
+    }
+
+    /// The positions, slots and masks of a paged step over `cache` (checked against its pool and
+    /// the model's context).
+    pub fn paged_step(&self, seqs: &[PagedSequence<'_>], cache: &Step3PagedCache) -> Result<PagedStep> {
+        Ok(PagedStep::new(
+            seqs,
+            cache.block_size(),
+            cache.num_blocks(),
+            self.config.max_position_embedding(),
+            &self.rope,
+            self.dtype,
+            &self.device,
+        )?)
+    }
+
+    /// Runs the decoder on the new tokens of a paged step, flattened: embeddings `xs [N, H]` →
+    /// hidden states after the final norm, `[N, H]`. Their K/V are written into `cache`. When
+    /// `trace` is given, every MoE layer's routing is pushed to it.
+    pub fn forward_paged(
+        &self,
+        xs: &Tensor,
+        step: &PagedStep,
+        cache: &mut Step3PagedCache,
+        mut trace: Option<&mut Vec<LayerRouting>>,
+    ) -> Result<Tensor> {
+        if xs.dims2()? != (step.num_tokens, self.config.hidden_size) {
+            return Err(Error::Input(format!(
+                "paged step of {} tokens got embeddings {:?}",
+                step.num_tokens,
+                xs.dims()
+            )));
+        }
+        let mut xs = xs.to_dtype(self.dtype)?;
+        for (l, (layer, kv)) in self.layers.iter().zip(&cache.layers).enumerate() {
+            let (out, routing) = layer.forward_paged(&xs, &self.rope, step, kv)?;
+            xs = out;
+            if let (Some(trace), Some(routing)) = (trace.as_deref_mut(), routing) {
+                trace.push(LayerRouting { layer: l, routing });
+            }
+        }
+        Ok(self.norm.forward(&xs)?)
     }
 
     /// [`Self::forward_embeds`] on token ids `[B, T]` (u32).
