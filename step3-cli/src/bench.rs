@@ -33,6 +33,9 @@ enum BenchKind {
     Decode(DecodeArgs),
     /// The device's ceilings, then attention, MoE and decode with their defaults.
     All(Common),
+    /// The serving engine under load: concurrent requests, aggregate rates, TTFT and inter-token
+    /// latency percentiles, peak KV blocks.
+    Engine(crate::bench_engine::EngineBenchArgs),
 }
 
 /// What every layer benchmark shares.
@@ -125,6 +128,7 @@ pub fn run(a: BenchArgs) -> Result<ExitCode> {
             let c = Ctx::new(&a.common)?;
             decode(&c, a.batch, a.context)
         }
+        BenchKind::Engine(a) => crate::bench_engine::run(a),
         BenchKind::All(common) => {
             let c = Ctx::new(&common)?;
             attention(&c, &[1, 16, 64], &[4096, 8192, 32768])?;
@@ -251,7 +255,7 @@ fn vit(a: VitArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn list(s: &str) -> Result<Vec<usize>> {
+pub(crate) fn list(s: &str) -> Result<Vec<usize>> {
     s.split(',').map(|v| v.trim().parse::<usize>().map_err(|_| anyhow::anyhow!("`{v}` is not a number"))).collect()
 }
 

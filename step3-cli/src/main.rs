@@ -9,6 +9,7 @@ use step3::{DType, ImageSource, Message};
 use step3_cli::{ModelArgs, SamplingArgs};
 
 mod bench;
+mod bench_engine;
 mod cost;
 mod inspect;
 mod preprocess;

@@ -1,6 +1,8 @@
 //! Synthetic weights for benchmarks: every tensor of a Step3 text config, zeros (the arithmetic
 //! costs the same) except the routers, which are random so that tokens spread over experts as
-//! they do in a real model. Dense or block-FP8 (1-byte values and f32 block scales).
+//! they do in a real model; or all random ([`Synthetic::random`]) where memory traffic matters: on
+//! the CPU, untouched zero pages are all one physical page, which the caches serve far faster
+//! than memory. Dense or block-FP8 (1-byte values and f32 block scales).
 
 use std::collections::HashMap;
 
@@ -12,11 +14,22 @@ pub struct Synthetic {
     /// Every tensor's shape and whether it may be stored as block-FP8.
     tensors: HashMap<String, (Vec<usize>, bool)>,
     fp8: bool,
+    random: bool,
 }
 
 impl Synthetic {
     pub fn new(cfg: &TextConfig, fp8: bool) -> Self {
-        Self { tensors: text_tensors(cfg).into_iter().map(|t| (t.name, (t.shape, t.quantizable))).collect(), fp8 }
+        Self {
+            tensors: text_tensors(cfg).into_iter().map(|t| (t.name, (t.shape, t.quantizable))).collect(),
+            fp8,
+            random: false,
+        }
+    }
+
+    /// Every weight random (scaled by 1/sqrt(fan-in), norms 1), so that every byte is real memory.
+    pub fn random(mut self) -> Self {
+        self.random = true;
+        self
     }
 
     fn make(&self, name: &str, shape: &[usize], dtype: DType, dev: &Device) -> Result<Tensor> {
@@ -26,6 +39,13 @@ impl Synthetic {
         }
         if name.ends_with("_scale_inv") {
             return Tensor::ones(shape, DType::F32, dev);
+        }
+        if self.random && dtype != DType::F8E4M3 {
+            if name.ends_with("norm.weight") {
+                return Tensor::ones(shape, dtype, dev);
+            }
+            let fan_in = *shape.last().unwrap_or(&1) as f64;
+            return Tensor::randn(0f32, (1.0 / fan_in.sqrt()) as f32, shape, dev)?.to_dtype(dtype);
         }
         if dtype == DType::F8E4M3 {
             let n: usize = shape.iter().product();
