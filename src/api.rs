@@ -229,13 +229,13 @@ impl Step3 {
 
     /// The prompt text a conversation becomes (with the generation prompt).
     pub fn render(&self, messages: &[Message]) -> Result<String> {
-        self.engine.render(messages)
+        self.engine.render(&messages.to_vec().into())
     }
 
     /// Prompt token ids of a conversation, images expanded to their full layouts, and the
     /// preprocessed images in prompt order.
     pub fn prompt(&self, messages: &[Message]) -> Result<(Vec<u32>, Vec<PreprocessedImage>)> {
-        let p = self.engine.prepare(&Prompt::Chat(messages.to_vec()))?;
+        let p = self.engine.prepare(&Prompt::Chat(messages.to_vec().into()))?;
         Ok((p.ids, p.images))
     }
 
@@ -253,14 +253,16 @@ impl Step3 {
     }
 
     fn submit(&self, prompt: Prompt, opts: &GenerateOptions) -> Result<Stream> {
-        let handle =
-            self.engine.submit(Request { prompt, options: opts.clone() }).map_err(|e| Error::Input(e.to_string()))?;
+        let handle = self
+            .engine
+            .submit(Request { prompt, options: opts.clone(), ..Default::default() })
+            .map_err(|e| Error::Input(e.to_string()))?;
         Ok(Stream { handle, tokens: Vec::new(), logprobs: Vec::new(), done: false })
     }
 
     /// Streams the answer to `messages` as [`Event`]s.
     pub fn stream(&self, messages: &[Message], opts: &GenerateOptions) -> Result<Stream> {
-        self.submit(Prompt::Chat(messages.to_vec()), opts)
+        self.submit(Prompt::Chat(messages.to_vec().into()), opts)
     }
 
     /// Streams a continuation of raw prompt token ids (no chat template), with `images` filling

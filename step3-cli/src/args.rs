@@ -91,6 +91,11 @@ impl ModelArgs {
 
     /// Loads the whole model with its tokenizer (when it has one) and generation settings.
     pub fn load(&self) -> Result<Step3> {
+        self.load_with(step3::EngineConfig::default())
+    }
+
+    /// [`Self::load`] with the engine's settings.
+    pub fn load_with(&self, engine: step3::EngineConfig) -> Result<Step3> {
         if self.is_demo() {
             eprintln!(
                 "Using the bundled demo checkpoint ({}): Step3's architecture at toy size with random \
@@ -100,7 +105,7 @@ impl ModelArgs {
             );
         }
         // Every loading error names its file, key or tensor already.
-        Ok(Step3::load_dir(&self.dir()?, &self.load_options()?, step3::EngineConfig::default())?)
+        Ok(Step3::load_dir(&self.dir()?, &self.load_options()?, engine)?)
     }
 }
 
@@ -192,4 +197,49 @@ pub fn describe_stats(stats: &step3::Stats) -> String {
         stats.prefill_tokens_per_sec(),
         stats.decode_tokens_per_sec()
     )
+}
+
+/// How the engine batches requests and sizes its KV cache.
+#[derive(Args, Clone, Debug)]
+pub struct EngineArgs {
+    /// Most requests running at once.
+    #[arg(long, default_value_t = 64, value_parser = positive, allow_negative_numbers = true)]
+    pub max_num_seqs: usize,
+    /// Most tokens one engine step runs (decodes and prompt chunks together).
+    #[arg(long, default_value_t = 2048, value_parser = positive, allow_negative_numbers = true)]
+    pub max_batched_tokens: usize,
+    /// Most prompt tokens of one request per step (longer prompts are chunked).
+    #[arg(long, default_value_t = 512, value_parser = positive, allow_negative_numbers = true)]
+    pub prefill_chunk: usize,
+    /// KV cache size in GB (default: 90 % of free GPU memory, or a tenth of RAM on the CPU).
+    #[arg(long)]
+    pub kv_cache_gb: Option<f64>,
+    /// Token slots per KV block.
+    #[arg(long, default_value_t = 16, value_parser = positive, allow_negative_numbers = true)]
+    pub block_size: usize,
+    /// Do not reuse the KV cache of shared prompt prefixes.
+    #[arg(long)]
+    pub no_prefix_cache: bool,
+    /// Most requests waiting to start; more are refused as overloaded (HTTP 503).
+    #[arg(long, default_value_t = 1024, value_parser = positive, allow_negative_numbers = true)]
+    pub max_waiting: usize,
+}
+
+impl EngineArgs {
+    pub fn config(&self) -> Result<step3::EngineConfig> {
+        let kv_cache = match self.kv_cache_gb {
+            None => step3::KvCacheSize::Auto,
+            Some(gb) if gb.is_finite() && gb > 0.0 => step3::KvCacheSize::Bytes((gb * 1e9) as u64),
+            Some(gb) => bail!("--kv-cache-gb must be a positive number, got {gb}"),
+        };
+        Ok(step3::EngineConfig {
+            max_num_seqs: self.max_num_seqs,
+            max_batched_tokens: self.max_batched_tokens,
+            prefill_chunk: self.prefill_chunk,
+            block_size: self.block_size,
+            kv_cache,
+            prefix_caching: !self.no_prefix_cache,
+            max_waiting: self.max_waiting,
+        })
+    }
 }

@@ -13,6 +13,7 @@ mod bench_engine;
 mod cost;
 mod inspect;
 mod preprocess;
+mod serve;
 mod synthetic;
 
 #[derive(Parser)]
@@ -26,6 +27,8 @@ struct Cli {
 enum Command {
     /// Generate after a prompt: chat text (--prompt) or exact token ids (--ids).
     Generate(GenerateArgs),
+    /// Serve the model over HTTP with the OpenAI API (chat and text completions, streaming).
+    Serve(serve::ServeArgs),
     /// Run one prompt of token ids and write the logits and final hidden states of every position.
     Logits(LogitsArgs),
     /// Describe a checkpoint or config: layers, parameter counts, KV-cache size, tensor inventory.
@@ -118,6 +121,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Logits(a) => logits(a),
         Command::Generate(a) => generate(a),
+        Command::Serve(a) => serve::run(a),
         Command::Inspect(a) => inspect::run(a),
         Command::Verify(a) => verify(a),
         Command::Bench(a) => bench::run(a),

@@ -408,7 +408,11 @@ fn check_engine(
             key,
             judge,
             greedy,
-            step3::engine::Request { prompt: step3::engine::Prompt::Tokens { ids, images }, options },
+            step3::engine::Request {
+                prompt: step3::engine::Prompt::Tokens { ids, images },
+                options,
+                ..Default::default()
+            },
         ));
     }
     let engine = step3::Engine::new(model, None, step3::GenerationConfig::default(), step3::EngineConfig::default())?;

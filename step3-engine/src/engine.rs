@@ -15,8 +15,8 @@ use candle_core::Tensor;
 use step3_model::mfa::PagedSequence;
 use step3_model::tokenizer::THINK;
 use step3_model::{
-    ChatTemplate, Error, FinishReason, GenerationConfig, ImageSource, OutputEvent, PreprocessedImage, Sampled, Sampler,
-    SamplingParams, Stats, Step3Model, Step3PagedCache, Step3Tokenizer, TextDecoder,
+    ChatTemplate, Conversation, Error, FinishReason, GenerationConfig, ImageSource, OutputEvent, PreprocessedImage,
+    Sampled, Sampler, SamplingParams, Stats, Step3Model, Step3PagedCache, Step3Tokenizer, TextDecoder,
 };
 use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
 
@@ -60,6 +60,9 @@ pub(crate) struct NewSequence {
     params: SamplingParams,
     max_new_tokens: usize,
     stop: Vec<String>,
+    forced: Vec<u32>,
+    after_reasoning: Vec<u32>,
+    plain: bool,
     tx: UnboundedSender<Event>,
     cancel: Arc<AtomicBool>,
     submitted: Instant,
@@ -74,6 +77,8 @@ struct Shared {
     config: EngineConfig,
     num_blocks: usize,
     metrics: Metrics,
+    /// The `</think>` token, when the tokenizer has one.
+    think_end: Option<u32>,
     /// Requests submitted and not yet scheduled once (for the overload limit).
     waiting: AtomicUsize,
     stop: AtomicBool,
@@ -172,7 +177,9 @@ impl Engine {
         }
         let cache = text.new_paged_cache(num_blocks, config.block_size)?;
         let template = tokenizer.as_ref().map(ChatTemplate::for_tokenizer).transpose()?;
+        let think_end = tokenizer.as_ref().and_then(|t| t.token_id(step3_model::tokenizer::THINK_END));
         let shared = Arc::new(Shared {
+            think_end,
             metrics: Metrics::new(num_blocks, config.block_size),
             model,
             tokenizer,
@@ -234,10 +241,10 @@ impl Engine {
     }
 
     /// The prompt text of a conversation (with the generation prompt).
-    pub fn render(&self, messages: &[step3_model::Message]) -> Result<String, Error> {
+    pub fn render(&self, conversation: &Conversation) -> Result<String, Error> {
         self.require_tokenizer()?;
         match &self.shared.template {
-            Some(t) => t.render(messages, true),
+            Some(t) => t.render_conversation(conversation, true),
             None => Err(Error::Input("this checkpoint has no chat template".into())),
         }
     }
@@ -245,16 +252,24 @@ impl Engine {
     /// Turns a prompt into token ids and preprocessed images (on the calling thread).
     pub fn prepare(&self, prompt: &Prompt) -> Result<Prepared, Error> {
         let model = &self.shared.model;
-        let preprocess = |images: &[ImageSource]| images.iter().map(|i| model.image(i)).collect::<Result<Vec<_>, _>>();
+        let preprocess = |images: &[ImageSource]| {
+            images
+                .iter()
+                .enumerate()
+                .map(|(index, i)| model.image(i).map_err(|e| Error::Image { index, error: Box::new(e) }))
+                .collect::<Result<Vec<_>, _>>()
+        };
         match prompt {
-            Prompt::Chat(messages) => {
-                if messages.iter().all(|m| m.text.trim().is_empty() && m.images.is_empty()) {
+            Prompt::Chat(conv) => {
+                let messages = &conv.messages;
+                if messages.iter().all(|m| m.text.trim().is_empty() && m.images.is_empty() && m.tool_calls.is_empty()) {
                     return Err(Error::Input("the prompt is empty".into()));
                 }
-                let text = self.render(messages)?;
+                let text = self.render(conv)?;
                 let images: Vec<ImageSource> = messages.iter().flat_map(|m| m.images.iter().cloned()).collect();
                 self.encode(&text, preprocess(&images)?)
             }
+            Prompt::Prepared(p) => Ok(p.clone()),
             Prompt::Text { text, images } => {
                 if text.is_empty() && images.is_empty() {
                     return Err(Error::Input("the prompt is empty".into()));
@@ -328,7 +343,10 @@ impl Engine {
         }
         let params = self.shared.generation.sampling(&request.options);
         params.validate().map_err(invalid)?;
-        let prepared = self.prepare(&request.prompt).map_err(invalid)?;
+        let prepared = match request.prompt {
+            Prompt::Prepared(p) => p,
+            other => self.prepare(&other).map_err(invalid)?,
+        };
         let text = &self.shared.model.text;
         if prepared.ids.is_empty() {
             return Err(SubmitError::Invalid("the prompt is empty".into()));
@@ -352,6 +370,8 @@ impl Engine {
                 self.shared.num_blocks, self.shared.config.block_size
             )));
         }
+        text.check_ids(&request.forced).map_err(invalid)?;
+        text.check_ids(&request.after_reasoning).map_err(invalid)?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = unbounded_channel();
         let cancel = Arc::new(AtomicBool::new(false));
@@ -361,6 +381,9 @@ impl Engine {
             params,
             max_new_tokens,
             stop: request.options.stop.clone(),
+            forced: request.forced,
+            after_reasoning: request.after_reasoning,
+            plain: request.plain,
             tx,
             cancel: cancel.clone(),
             submitted: Instant::now(),
@@ -391,6 +414,10 @@ struct Active {
     cancel: Arc<AtomicBool>,
     sampler: Sampler,
     params: SamplingParams,
+    /// Tokens to produce next instead of sampling.
+    forced: std::collections::VecDeque<u32>,
+    /// Forced once the reasoning closes.
+    after_reasoning: Vec<u32>,
     max_new_tokens: usize,
     decoder: TextDecoder,
     images: Vec<PreprocessedImage>,
@@ -486,14 +513,25 @@ impl Runner {
         };
         let extras = image_extras(model, &seq.prepared.images, &patch_positions);
         self.scheduler.add(SeqState::new(seq.id, seq.prepared.ids.clone(), extras));
+        let mut forced: std::collections::VecDeque<u32> = seq.forced.into();
+        let mut after_reasoning = seq.after_reasoning;
+        if !seq.prepared.opens_reasoning || seq.plain {
+            forced.extend(after_reasoning.drain(..));
+        }
+        let decoder = match seq.plain {
+            true => TextDecoder::plain(seq.stop),
+            false => TextDecoder::new(seq.stop, seq.prepared.opens_reasoning),
+        };
         self.active.insert(
             seq.id,
             Active {
                 tx: seq.tx,
                 cancel: seq.cancel,
                 sampler: seq.params.sampler(),
-                decoder: TextDecoder::new(seq.stop, seq.prepared.opens_reasoning),
+                decoder,
                 params: seq.params,
+                forced,
+                after_reasoning,
                 max_new_tokens: seq.max_new_tokens,
                 images: seq.prepared.images,
                 features: None,
@@ -601,7 +639,11 @@ impl Runner {
         let mut out = Vec::with_capacity(owners.len());
         for (id, row) in owners.into_iter().zip(logits) {
             let (Some(a), Some(seq)) = (self.active.get_mut(&id), self.scheduler.get(id)) else { continue };
-            out.push((id, a.sampler.sample(&row, &seq.tokens)?));
+            let sampled = match a.forced.pop_front() {
+                Some(token) => a.sampler.force(&row, token),
+                None => a.sampler.sample(&row, &seq.tokens)?,
+            };
+            out.push((id, sampled));
         }
         Ok(out)
     }
@@ -627,6 +669,10 @@ impl Runner {
         a.generated += 1;
         let token = sampled.token;
         let _ = a.tx.send(Event::Token(sampled));
+        if !a.after_reasoning.is_empty() && Some(token) == self.shared.think_end {
+            let next = std::mem::take(&mut a.after_reasoning);
+            a.forced.extend(next);
+        }
         let mut finish = None;
         if a.params.stop_token_ids.contains(&token) {
             finish = Some(if a.saw_tool_call { FinishReason::ToolCalls } else { FinishReason::Stop(token) });

@@ -7,41 +7,57 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use serde::Serialize;
-use step3_model::{FinishReason, GenerateOptions, ImageSource, Message, Sampled, Stats, ToolCall};
+use step3_model::{Conversation, FinishReason, GenerateOptions, ImageSource, Message, Sampled, Stats, ToolCall};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 /// What to continue.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub enum Prompt {
-    /// A conversation, put through the model's chat template (images as the messages carry them).
-    Chat(Vec<Message>),
+    /// A conversation (with the tools the model may call and template variables), put through
+    /// the model's chat template; images as the messages carry them.
+    Chat(Conversation),
     /// Raw text (no template); `<im_patch>` placeholders for `images` are added in front when
     /// the text has none, and expanded to each image's layout.
     Text { text: String, images: Vec<ImageSource> },
     /// Token ids taken exactly; with images, one `<im_patch>` per image or their full layouts.
     Tokens { ids: Vec<u32>, images: Vec<ImageSource> },
+    /// A prompt already turned into ids and images ([`crate::Engine::prepare`]).
+    Prepared(crate::Prepared),
 }
 
 /// One generation request.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default)]
 pub struct Request {
     pub prompt: Prompt,
     /// Sampling and stopping; unset sampling settings come from the checkpoint's
     /// `generation_config.json`.
     pub options: GenerateOptions,
+    /// Tokens the answer starts with, produced (and streamed) as if sampled: a response prefix.
+    pub forced: Vec<u32>,
+    /// Tokens produced right after the model closes its reasoning (`</think>`), or at the start
+    /// when the prompt does not open reasoning: e.g. the opening of a tool call the caller requires.
+    pub after_reasoning: Vec<u32>,
+    /// Plain text out: no reasoning / answer / tool-call split (plain completions).
+    pub plain: bool,
+}
+
+impl Default for Prompt {
+    fn default() -> Self {
+        Self::Tokens { ids: Vec::new(), images: Vec::new() }
+    }
 }
 
 impl Request {
     pub fn chat(messages: Vec<Message>, options: GenerateOptions) -> Self {
-        Self { prompt: Prompt::Chat(messages), options }
+        Self { prompt: Prompt::Chat(messages.into()), options, ..Default::default() }
     }
 
     pub fn tokens(ids: Vec<u32>, options: GenerateOptions) -> Self {
-        Self { prompt: Prompt::Tokens { ids, images: Vec::new() }, options }
+        Self { prompt: Prompt::Tokens { ids, images: Vec::new() }, options, ..Default::default() }
     }
 
     pub fn text(text: impl Into<String>, options: GenerateOptions) -> Self {
-        Self { prompt: Prompt::Text { text: text.into(), images: Vec::new() }, options }
+        Self { prompt: Prompt::Text { text: text.into(), images: Vec::new() }, options, ..Default::default() }
     }
 }
 

@@ -109,6 +109,7 @@ fn golden_tokens_and_logits_through_the_engine() {
     let req = Request {
         prompt: step3_engine::Prompt::Tokens { ids: ids(&g["mm"]["input_ids"]), images },
         options: greedy(want.len()),
+        ..Default::default()
     };
     assert_eq!(run_alone(&e, req).tokens, want);
 }
@@ -131,6 +132,7 @@ fn mixed_requests() -> Vec<Request> {
     reqs.push(Request {
         prompt: step3_engine::Prompt::Tokens { ids: ids(&g["mm"]["input_ids"]), images },
         options: greedy(5),
+        ..Default::default()
     });
     reqs.push(Request::tokens(prompt(40, 2), greedy(7)));
     let sampled = GenerateOptions {
@@ -320,4 +322,18 @@ fn streams_work_in_async_code() {
     });
     assert_eq!(events.iter().filter(|e| matches!(e, Event::Token(_))).count(), 5);
     assert!(matches!(events.last(), Some(Event::Finished(_))));
+}
+
+#[test]
+fn forced_tokens_come_first_then_the_model_goes_on() {
+    let e = engine(EngineConfig::default());
+    let mut req = Request::tokens(prompt(5, 1), greedy(6));
+    req.forced = vec![11, 12, 13];
+    let c = run_alone(&e, req);
+    assert_eq!((&c.tokens[..3], c.tokens.len()), (&[11u32, 12, 13][..], 6));
+    // What follows is what the model says after the prompt and the forced tokens.
+    let cont = run_alone(&e, Request::tokens([prompt(5, 1), vec![11, 12, 13]].concat(), greedy(3)));
+    assert_eq!(&c.tokens[3..], &cont.tokens[..]);
+    let err = relative_error(&distributions(&c)[3..], &distributions(&cont));
+    assert!(err <= 1e-5, "{err}");
 }

@@ -10,7 +10,11 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
-use crate::tokenizer::{Step3Tokenizer, BOT, EOT, THINK};
+use crate::stream::ToolCall;
+use crate::tokenizer::{
+    Step3Tokenizer, BOT, EOT, THINK, THINK_END, TOOL_CALLS_BEGIN, TOOL_CALLS_END, TOOL_CALL_BEGIN, TOOL_CALL_END,
+    TOOL_SEP,
+};
 use crate::{Error, Result};
 
 /// Who speaks.
@@ -72,11 +76,38 @@ pub struct Message {
     pub text: String,
     /// Images, shown to the model before the text of this turn.
     pub images: Vec<ImageSource>,
+    /// Tool calls an assistant turn made (after its text).
+    pub tool_calls: Vec<ToolCall>,
+    /// The call a tool turn answers.
+    pub tool_call_id: Option<String>,
+}
+
+/// A conversation and what a chat template may need besides: the tools the model may call
+/// (OpenAI-style definitions, `{"type": "function", "function": {"name", "description",
+/// "parameters"}}`) and extra template variables (`chat_template_kwargs`, e.g. `enable_thinking`).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Conversation {
+    pub messages: Vec<Message>,
+    pub tools: Vec<serde_json::Value>,
+    pub template_kwargs: serde_json::Map<String, serde_json::Value>,
+}
+
+impl From<Vec<Message>> for Conversation {
+    fn from(messages: Vec<Message>) -> Self {
+        Self { messages, ..Default::default() }
+    }
+}
+
+impl Conversation {
+    /// `enable_thinking` (default true): false closes the reasoning in the generation prompt.
+    fn thinking(&self) -> bool {
+        self.template_kwargs.get("enable_thinking").and_then(serde_json::Value::as_bool).unwrap_or(true)
+    }
 }
 
 impl Message {
     pub fn new(role: Role, text: impl Into<String>) -> Self {
-        Self { role, text: text.into(), images: Vec::new() }
+        Self { role, text: text.into(), images: Vec::new(), tool_calls: Vec::new(), tool_call_id: None }
     }
 
     pub fn system(text: impl Into<String>) -> Self {
@@ -101,12 +132,31 @@ impl Message {
         self
     }
 
+    /// Adds a tool call (an assistant turn).
+    pub fn with_tool_call(mut self, call: ToolCall) -> Self {
+        self.tool_calls.push(call);
+        self
+    }
+
     /// The turn's content as the template sees it: one `<im_patch>` per image, then the text.
     pub fn content(&self) -> String {
         let mut s = "<im_patch>".repeat(self.images.len());
         s.push_str(&self.text);
         s
     }
+}
+
+/// Step3's tool-call block: `<｜tool_calls_begin｜>`, each call, `<｜tool_calls_end｜>`.
+pub fn tool_calls_text(calls: &[ToolCall]) -> String {
+    if calls.is_empty() {
+        return String::new();
+    }
+    let mut s = TOOL_CALLS_BEGIN.to_string();
+    for c in calls {
+        s.push_str(&c.to_steptml());
+    }
+    s.push_str(TOOL_CALLS_END);
+    s
 }
 
 /// How a conversation becomes prompt text.
@@ -122,6 +172,10 @@ pub enum ChatTemplate {
 struct JinjaMessage {
     role: &'static str,
     content: String,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    tool_calls: Vec<serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_call_id: Option<String>,
 }
 
 impl ChatTemplate {
@@ -150,18 +204,44 @@ impl ChatTemplate {
     /// Renders `messages`; with `add_generation_prompt` the text ends where the assistant's answer
     /// (reasoning first) begins.
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        self.render_conversation(&Conversation::from(messages.to_vec()), add_generation_prompt)
+    }
+
+    /// [`Self::render`] with tools and template variables. The checkpoint's Jinja template gets
+    /// `messages` (with `tool_calls` and `tool_call_id`), `tools`, `add_generation_prompt`,
+    /// `bos_token`, `eos_token` and every template variable; the native format lists the tools
+    /// after the system text and writes earlier tool calls in Step3's steptml syntax.
+    pub fn render_conversation(&self, conv: &Conversation, add_generation_prompt: bool) -> Result<String> {
+        let messages = &conv.messages;
         match self {
             Self::Native { bos } => {
                 let mut out = bos.clone();
+                let tools = native_tools(&conv.tools);
+                let mut tools_written = tools.is_empty();
                 for m in messages {
                     if m.role == Role::System {
                         out.push_str(&m.content());
-                    } else {
-                        out.push_str(&format!("{BOT}{}\n{}{EOT}", m.role.as_str(), m.content()));
+                        if !tools_written {
+                            out.push_str(&tools);
+                            tools_written = true;
+                        }
+                        continue;
                     }
+                    if !tools_written {
+                        out.push_str(tools.trim_start());
+                        tools_written = true;
+                    }
+                    let body = format!("{}{}", m.content(), tool_calls_text(&m.tool_calls));
+                    out.push_str(&format!("{BOT}{}\n{body}{EOT}", m.role.as_str()));
+                }
+                if !tools_written {
+                    out.push_str(tools.trim_start());
                 }
                 if add_generation_prompt {
                     out.push_str(&format!("{BOT}assistant\n{THINK}\n"));
+                    if !conv.thinking() {
+                        out.push_str(&format!("{THINK_END}\n"));
+                    }
                 }
                 Ok(out)
             }
@@ -172,19 +252,45 @@ impl ChatTemplate {
                     Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
                 });
                 env.add_template("chat", source).map_err(|e| Error::Template(e.to_string()))?;
-                let msgs: Vec<JinjaMessage> =
-                    messages.iter().map(|m| JinjaMessage { role: m.role.as_str(), content: m.content() }).collect();
-                let ctx = minijinja::context! {
-                    messages => msgs,
-                    add_generation_prompt => add_generation_prompt,
-                    bos_token => bos,
-                    eos_token => eos,
-                };
+                let msgs: Vec<JinjaMessage> = messages
+                    .iter()
+                    .map(|m| JinjaMessage {
+                        role: m.role.as_str(),
+                        content: m.content(),
+                        tool_calls: m.tool_calls.iter().map(ToolCall::to_openai).collect(),
+                        tool_call_id: m.tool_call_id.clone(),
+                    })
+                    .collect();
+                let mut ctx = conv.template_kwargs.clone();
+                ctx.insert("messages".into(), serde_json::to_value(msgs).map_err(|e| Error::Template(e.to_string()))?);
+                ctx.insert("add_generation_prompt".into(), add_generation_prompt.into());
+                ctx.insert("bos_token".into(), bos.clone().into());
+                ctx.insert("eos_token".into(), eos.clone().into());
+                if !conv.tools.is_empty() {
+                    ctx.insert("tools".into(), conv.tools.clone().into());
+                }
                 let tpl = env.get_template("chat").map_err(|e| Error::Template(e.to_string()))?;
-                tpl.render(ctx).map_err(|e| Error::Template(e.to_string()))
+                tpl.render(minijinja::Value::from_serialize(&ctx)).map_err(|e| Error::Template(e.to_string()))
             }
         }
     }
+}
+
+/// The native format's description of the tools a model may call (empty without tools).
+fn native_tools(tools: &[serde_json::Value]) -> String {
+    if tools.is_empty() {
+        return String::new();
+    }
+    let mut s = format!(
+        "\n\n# Tools\n\nYou may call the functions below. To call them, write {TOOL_CALLS_BEGIN}, then for each call \
+         {TOOL_CALL_BEGIN}function{TOOL_SEP}<steptml:invoke name=\"NAME\"><steptml:parameter name=\"ARGUMENT\">VALUE\
+         </steptml:parameter></steptml:invoke>{TOOL_CALL_END}, then {TOOL_CALLS_END}.\n"
+    );
+    for t in tools {
+        s.push_str(&t.to_string());
+        s.push('\n');
+    }
+    s
 }
 
 #[cfg(test)]

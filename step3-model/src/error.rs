@@ -45,6 +45,9 @@ pub enum Error {
     Vision(#[from] step3_vision::VisionError),
     #[error("{}: {error}", path.display())]
     ImageFile { path: PathBuf, error: step3_vision::VisionError },
+    /// Image `index` of a prompt (in prompt order, from 0) cannot be used.
+    #[error("image {} of the prompt: {error}", index + 1)]
+    Image { index: usize, error: Box<Error> },
     #[error("{}: {msg}", path.display())]
     Tokenizer { path: PathBuf, msg: String },
     #[error("the tokenizer has no `{token}` token, and {why}")]

@@ -37,7 +37,7 @@ pub mod stream;
 mod text;
 pub mod tokenizer;
 
-pub use chat::{ChatTemplate, ImageSource, Message, Role};
+pub use chat::{ChatTemplate, Conversation, ImageSource, Message, Role};
 pub use checkpoint::{Checkpoint, LoadProgress};
 pub use error::{Error, Result};
 pub use generation::{

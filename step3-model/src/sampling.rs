@@ -76,6 +76,18 @@ impl Sampler {
         Ok(Sampled { token, logprob, top })
     }
 
+    /// `token` chosen by the caller instead of sampled (the random stream does not advance), with
+    /// its log-probabilities when they were asked for.
+    pub fn force(&mut self, logits: &[f32], token: u32) -> Sampled {
+        match self.logprobs {
+            None => Sampled { token, logprob: None, top: Vec::new() },
+            Some(n) => {
+                let lp = log_softmax(logits);
+                Sampled { token, logprob: lp.get(token as usize).copied(), top: top_logprobs(&lp, n) }
+            }
+        }
+    }
+
     /// A random draw from `softmax(logits / temperature)`, truncated by top-k then top-p.
     fn draw(&mut self, logits: &[f32]) -> Result<u32> {
         let t = self.temperature as f32;

@@ -119,6 +119,35 @@ pub struct ToolCall {
 }
 
 impl ToolCall {
+    /// A call from a name and JSON arguments (an object; string values are taken as written,
+    /// others as their JSON text).
+    pub fn from_json(name: impl Into<String>, arguments: &serde_json::Value) -> Self {
+        let arguments = match arguments {
+            serde_json::Value::Object(m) => {
+                m.iter().map(|(k, v)| (k.clone(), v.as_str().map_or_else(|| v.to_string(), str::to_string))).collect()
+            }
+            _ => Vec::new(),
+        };
+        Self { name: name.into(), arguments }
+    }
+
+    /// The call in Step3's syntax: `<｜tool_call_begin｜>function<｜tool_sep｜><steptml:invoke …>…`.
+    pub fn to_steptml(&self) -> String {
+        let mut s = format!("{TOOL_CALL_BEGIN}function{TOOL_SEP}<steptml:invoke name=\"{}\">", self.name);
+        for (k, v) in &self.arguments {
+            s.push_str(&format!("<steptml:parameter name=\"{k}\">{v}</steptml:parameter>"));
+        }
+        s.push_str("</steptml:invoke>");
+        s.push_str(TOOL_CALL_END);
+        s
+    }
+
+    /// The call as a chat template expects it: `{"type": "function", "function": {"name",
+    /// "arguments"}}` with the arguments as an object of strings.
+    pub fn to_openai(&self) -> serde_json::Value {
+        serde_json::json!({"type": "function", "function": {"name": self.name, "arguments": self.arguments_json()}})
+    }
+
     /// The arguments as a JSON object of strings.
     pub fn arguments_json(&self) -> serde_json::Value {
         serde_json::Value::Object(
@@ -288,7 +317,8 @@ impl OutputParser {
 pub struct TextDecoder {
     detok: Detokenizer,
     stops: StopStrings,
-    parser: OutputParser,
+    /// `None`: plain text (everything is content, markers included).
+    parser: Option<OutputParser>,
     stopped: bool,
 }
 
@@ -298,8 +328,22 @@ impl TextDecoder {
         Self {
             detok: Detokenizer::new(),
             stops: StopStrings::new(stop_strings),
-            parser: OutputParser::new(opens_reasoning),
+            parser: Some(OutputParser::new(opens_reasoning)),
             stopped: false,
+        }
+    }
+
+    /// The text as written, all of it content (no reasoning or tool-call split): what a plain
+    /// completion returns.
+    pub fn plain(stop_strings: Vec<String>) -> Self {
+        Self { detok: Detokenizer::new(), stops: StopStrings::new(stop_strings), parser: None, stopped: false }
+    }
+
+    fn parse(&mut self, text: &str) -> Vec<OutputEvent> {
+        match &mut self.parser {
+            Some(p) => p.push(text),
+            None if text.is_empty() => Vec::new(),
+            None => vec![OutputEvent::Content(text.to_string())],
         }
     }
 
@@ -312,7 +356,7 @@ impl TextDecoder {
         let Some(text) = self.detok.push(tok, id)? else { return Ok(Vec::new()) };
         let (safe, hit) = self.stops.push(&text);
         self.stopped = hit;
-        Ok(self.parser.push(&safe))
+        Ok(self.parse(&safe))
     }
 
     /// Whether a stop string has been reached (generation should end).
@@ -331,9 +375,11 @@ impl TextDecoder {
             if !hit {
                 text.push_str(&self.stops.flush());
             }
-            events = self.parser.push(&text);
+            events = self.parse(&text);
         }
-        events.extend(self.parser.finish());
+        if let Some(p) = &mut self.parser {
+            events.extend(p.finish());
+        }
         Ok(events)
     }
 }
