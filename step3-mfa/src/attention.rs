@@ -67,7 +67,8 @@ impl MfaAttention {
     ///
     /// Appends this step's K/V to `cache`. All query heads of a sequence attend to the single K/V
     /// head in one matmul: q is viewed as `[B, T·heads, d]` against K `[B, S, d]`, with no copy
-    /// of K or V per head.
+    /// of K or V per head. The attention itself runs in f32 whatever the activation dtype (see
+    /// `attend`).
     pub fn forward(
         &self,
         xs: &Tensor,
@@ -84,17 +85,70 @@ impl MfaAttention {
         let k = rope.apply(&k, &step.cos, &step.sin)?.reshape((b, t, d))?;
         let v = self.v_proj.forward(xs)?;
         let (k, v) = cache.append(&k, &v)?;
-        let s = k.dim(1)?;
 
         // [B, T·n, d] × [B, d, S]: rows ordered (token, head).
-        let q = q.reshape((b, t * n, d))?;
-        let scores = (q.matmul(&k.t()?)? * self.scale)?;
-        let mut scores = scores.to_dtype(DType::F32)?.reshape((b, t, n, s))?;
-        if let Some(mask) = &step.mask {
-            scores = scores.broadcast_add(mask)?;
-        }
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(xs.dtype())?;
-        let out = probs.reshape((b, t * n, s))?.matmul(&v)?;
+        let out = attend(&q.reshape((b, t * n, d))?, &k, &v, self.scale, step.mask.as_ref(), (t, n))?;
         self.o_proj.forward(&out.reshape((b, t, n * d))?)
+    }
+}
+
+/// `softmax(q·kᵀ·scale + mask) · v` computed in f32 and rounded to `q`'s dtype once, as the
+/// reference computes it.
+///
+/// StepFun's remote code runs attention through PyTorch's `scaled_dot_product_attention` with one
+/// K/V head for all query heads (`enable_gqa`), which PyTorch serves with its "math" kernel: that
+/// kernel widens bf16/f16 q, k and v to f32, multiplies q and k each by `sqrt(scale)`, and keeps the
+/// scores, the softmax and the product with v in f32. Rounding the scores or the probabilities to
+/// bf16 instead (what a plain bf16 matmul does) moves bf16 logits by about 1e-2 relative.
+///
+/// Shapes: `q [B, T·n, d]` (rows ordered token, head), `k`, `v` `[B, S, d]`, `mask` additive f32
+/// `[B or 1, T, 1, S]`; `(t, n)` splits the rows of `q`. Output `[B, T·n, d]` in `q`'s dtype.
+fn attend(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    mask: Option<&Tensor>,
+    (t, n): (usize, usize),
+) -> Result<Tensor> {
+    let (b, _, _) = q.dims3()?;
+    let s = k.dim(1)?;
+    let root = scale.sqrt();
+    let q32 = (q.to_dtype(DType::F32)? * root)?;
+    let k32 = (k.to_dtype(DType::F32)? * root)?;
+    let mut scores = q32.matmul(&k32.t()?)?.reshape((b, t, n, s))?;
+    if let Some(mask) = mask {
+        scores = scores.broadcast_add(mask)?;
+    }
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?.reshape((b, t * n, s))?;
+    probs.matmul(&v.to_dtype(DType::F32)?)?.to_dtype(q.dtype())
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::Device;
+
+    use super::*;
+
+    /// bf16 attention is f32 attention on the same (widened) values, rounded once at the end: no
+    /// score or probability is rounded to bf16 on the way.
+    #[test]
+    fn half_precision_attention_rounds_once() -> Result<()> {
+        let dev = Device::Cpu;
+        let (t, n, d, s) = (3, 4, 32, 5);
+        let det = |len: usize, seed: usize| -> Vec<f32> {
+            (0..len).map(|i| ((((i + seed) * 2654435761) % 1000) as f32 / 1000.0 - 0.5) * 6.0).collect()
+        };
+        let q = Tensor::from_vec(det(t * n * d, 1), (1, t * n, d), &dev)?.to_dtype(DType::BF16)?;
+        let k = Tensor::from_vec(det(s * d, 2), (1, s, d), &dev)?.to_dtype(DType::BF16)?;
+        let v = Tensor::from_vec(det(s * d, 3), (1, s, d), &dev)?.to_dtype(DType::BF16)?;
+        let scale = 1.0 / (d as f64).sqrt();
+        let got = attend(&q, &k, &v, scale, None, (t, n))?;
+        assert_eq!(got.dtype(), DType::BF16);
+        let wide = |x: &Tensor| x.to_dtype(DType::F32);
+        let want = attend(&wide(&q)?, &wide(&k)?, &wide(&v)?, scale, None, (t, n))?.to_dtype(DType::BF16)?;
+        let diff = (got.to_dtype(DType::F32)? - want.to_dtype(DType::F32)?)?.abs()?.flatten_all()?.max(0)?;
+        assert_eq!(diff.to_scalar::<f32>()?, 0.0);
+        Ok(())
     }
 }

@@ -67,7 +67,7 @@ impl StackedExperts {
         let gate = candle_nn::moe::moe_gemm(xs, gate_w, &None, &sorted_token_ids, &expert_ids, k, prefill)?;
         let up = candle_nn::moe::moe_gemm(xs, up_w, &None, &sorted_token_ids, &expert_ids, k, prefill)?;
         let i = gate.dim(candle_core::D::Minus1)?;
-        let hidden = (candle_nn::ops::silu(&gate)? * up)?.reshape(((), i))?;
+        let hidden = (step3_nn::silu(&gate)? * up)?.reshape(((), i))?;
         let weights = Some(routing.weights.to_dtype(DType::F32)?.contiguous()?);
         let ys = candle_nn::moe::moe_gemm(&hidden, down_w, &weights, &sorted_token_ids, &expert_ids, k, prefill)?;
         ys.reshape((n, k, h))?.sum(1)
@@ -105,7 +105,7 @@ impl StackedExperts {
             let x = xs.index_select(&idx, 0)?;
             let gate = self.gate_proj.get(e)?.matmul_t(&x)?;
             let up = self.up_proj.get(e)?.matmul_t(&x)?;
-            let y = self.down_proj.get(e)?.matmul_t(&(candle_nn::ops::silu(&gate)? * up)?)?;
+            let y = self.down_proj.get(e)?.matmul_t(&(step3_nn::silu(&gate)? * up)?)?;
             let w = weights.index_select(&Tensor::new(slots[e].as_slice(), dev)?, 0)?;
             outputs.push(y.broadcast_mul(&w.unsqueeze(1)?)?);
             rows.extend_from_slice(&tokens[e]);
