@@ -209,3 +209,33 @@ fn bad_images_get_clear_errors() {
         assert!(stderr(&out).contains(needle), "{file}: {}", stderr(&out));
     }
 }
+
+#[test]
+fn unusable_view_sizes_name_the_option() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out_file = tmp.path().join("o.safetensors").to_string_lossy().into_owned();
+    let img = image("square_64x48.png");
+    let dir = fixtures().join("vl-f32").to_string_lossy().into_owned();
+    let cases: [(&[&str], &str); 6] = [
+        (&["--image-size", "0"], "--image-size 0 is not usable"),
+        (&["--crop-size", "0"], "--crop-size 0 is not usable"),
+        (&["--image-size", "30"], "--image-size 30 is not usable"),
+        (&["--model-dir", &dir, "--crop-size", "0"], "--crop-size 0 is not usable"),
+        (&["--model-dir", &dir, "--image-size", "7"], "multiple of the ViT patch size 4, at least 8 pixels"),
+        (&["--patch-size", "0"], "--patch-size and --projector-stride must be positive"),
+    ];
+    for (extra, needle) in cases {
+        let mut args = vec!["preprocess", "--image", &img, "--out", &out_file];
+        args.extend_from_slice(extra);
+        let out = step3(&args);
+        assert_eq!(out.status.code(), Some(1), "{extra:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains(needle), "{extra:?}: {}", stderr(&out));
+        assert!(!stderr(&out).contains("panicked"), "{extra:?}");
+    }
+    let out = step3(&["preprocess", "--image", &img, "--out", &out_file, "--image-size", "0"]);
+    assert!(
+        stderr(&out).contains("positive multiple of the ViT patch size 14, at least 28 pixels"),
+        "{}",
+        stderr(&out)
+    );
+}
