@@ -519,7 +519,7 @@ pub fn check_preprocess(fixtures: &Path) -> Result<Vec<GoldenCheck>> {
             t.index_select(&Tensor::new(rows, &Device::Cpu)?, 0)?.index_select(&Tensor::new(cols, &Device::Cpu)?, 1)?
         })
     };
-    for (set, step) in [("tiny", 1usize), ("real", 8usize)] {
+    for set in ["tiny", "real", "thin"] {
         let json_path = dir.join(format!("{set}.json"));
         if !json_path.is_file() {
             continue;
@@ -601,45 +601,54 @@ pub fn check_preprocess(fixtures: &Path) -> Result<Vec<GoldenCheck>> {
                     out.push(same(key(k), equal));
                 }
             }
-            if step == 1 {
-                out.push(abs(key("pixel_values"), &p.pixel_values, golden(&tkey("pixel_values"))?)?);
-                if let Some(px) = &p.patch_pixel_values {
-                    out.push(abs(key("patch_pixel_values"), px, golden(&tkey("patch_pixel_values"))?)?);
+            // Pixel tensors, in full (`<what>`) or every k-th row and column (`<what>_sub<k>`).
+            for (what, ours) in
+                [("pixel_values", Some(&p.pixel_values)), ("patch_pixel_values", p.patch_pixel_values.as_ref())]
+            {
+                let Some(ours) = ours else { continue };
+                let stored: Vec<(String, usize)> = tensors
+                    .keys()
+                    .filter_map(|k| {
+                        let rest = k.strip_prefix(&tkey(what))?;
+                        let step = if rest.is_empty() { 1 } else { rest.strip_prefix("_sub")?.parse().ok()? };
+                        Some((k.clone(), step))
+                    })
+                    .collect();
+                if stored.is_empty() {
+                    bail!("{set}.safetensors holds no {} (full or subsampled)", tkey(what));
                 }
-            } else {
-                let sub = |t: &Tensor| -> Result<Tensor> {
-                    let (_, _, h, w) = t.dims4()?;
-                    let r: Vec<u32> = (0..h).step_by(step).map(|v| v as u32).collect();
-                    let c: Vec<u32> = (0..w).step_by(step).map(|v| v as u32).collect();
-                    Ok(t.index_select(&Tensor::new(r, t.device())?, 2)?
-                        .index_select(&Tensor::new(c, t.device())?, 3)?)
-                };
-                out.push(abs(key("pixel_values_sub8"), &sub(&p.pixel_values)?, golden(&tkey("pixel_values_sub8"))?)?);
-                if let Some(px) = &p.patch_pixel_values {
-                    out.push(abs(
-                        key("patch_pixel_values_sub8"),
-                        &sub(px)?,
-                        golden(&tkey("patch_pixel_values_sub8"))?,
-                    )?);
+                for (k, step) in stored {
+                    let check = k.strip_prefix(&format!("{name}.")).unwrap_or(&k).to_string();
+                    out.push(abs(key(&check), &subsample(ours, step)?, golden(&k)?)?);
                 }
-                for (stat_key, t) in [
-                    ("pixel_values_stats", Some(&p.pixel_values)),
-                    ("patch_pixel_values_stats", p.patch_pixel_values.as_ref()),
-                ] {
-                    let (Some(stats), Some(t)) = (meta.get(stat_key), t) else { continue };
-                    let v: Vec<f32> = t.flatten_all()?.to_vec1()?;
-                    let abs_sum: f64 = v.iter().map(|x| x.abs() as f64).sum();
-                    let want = stats.get("abs_sum").and_then(Value::as_f64).unwrap_or(f64::NAN);
-                    out.push(GoldenCheck {
-                        name: format!("preprocess/{set}.{name}.{stat_key}.abs_sum"),
-                        measure: Measure::RelErr { worst: (abs_sum - want).abs() / want, tolerance: 1e-6 },
-                        gating: true,
-                    });
-                }
+            }
+            for (stat_key, t) in [
+                ("pixel_values_stats", Some(&p.pixel_values)),
+                ("patch_pixel_values_stats", p.patch_pixel_values.as_ref()),
+            ] {
+                let (Some(stats), Some(t)) = (meta.get(stat_key), t) else { continue };
+                let v: Vec<f32> = t.flatten_all()?.to_vec1()?;
+                let abs_sum: f64 = v.iter().map(|x| x.abs() as f64).sum();
+                let want = stats.get("abs_sum").and_then(Value::as_f64).unwrap_or(f64::NAN);
+                out.push(GoldenCheck {
+                    name: format!("preprocess/{set}.{name}.{stat_key}.abs_sum"),
+                    measure: Measure::RelErr { worst: (abs_sum - want).abs() / want, tolerance: 1e-6 },
+                    gating: true,
+                });
             }
         }
     }
     Ok(out)
+}
+
+/// Every `step`-th row and column (from 0) of `[N, C, H, W]` pixels.
+fn subsample(t: &Tensor, step: usize) -> Result<Tensor> {
+    if step == 1 {
+        return Ok(t.clone());
+    }
+    let (_, _, h, w) = t.dims4()?;
+    let pick = |n: usize| Tensor::new((0..n).step_by(step).map(|v| v as u32).collect::<Vec<_>>(), t.device());
+    Ok(t.index_select(&pick(h)?, 2)?.index_select(&pick(w)?, 3)?)
 }
 
 /// `moe-renorm-f32` also stores logits computed with renormalisation switched off: the same

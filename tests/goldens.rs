@@ -55,6 +55,11 @@ fn f32_goldens_match_the_reference() {
         "preprocess/tiny.pano_900x150.token_layout_segments",
         "preprocess/real.grid_760x620.patch_pixel_values_sub8",
         "preprocess/real.grid_760x620.pixel_values_stats.abs_sum",
+        "preprocess/thin.thin_1x1.pixel_values_sub2",
+        "preprocess/thin.thin_1x4.patch_newline_mask",
+        "preprocess/thin.thin_1x4000.patch_pixel_values_sub4",
+        "preprocess/thin.thin_4000x1.crop_canvas_u8_sha256",
+        "preprocess/thin.thin_4000x1.token_layout_segments",
         "vl-f32/vision.pixel_values",
         "vl-f32/vision.global.encoder_out_full",
         "vl-f32/vision.patch.down1",
@@ -77,6 +82,8 @@ fn f32_goldens_match_the_reference() {
     assert_eq!(sums, 2 * 27);
     // Every preprocessing golden of the 7 tiny images and the real-settings image is checked.
     assert!(checks.iter().filter(|c| c.name.starts_with("preprocess/tiny.")).count() >= 7 * 6);
+    // ... and of the 8 thin images (1x1 up to 4000x1).
+    assert!(checks.iter().filter(|c| c.name.starts_with("preprocess/thin.")).count() >= 8 * 7);
     // Exact goldens are gating; float agreement is far inside the tolerance and the resamplers
     // are bit-exact.
     for c in &checks {
