@@ -185,6 +185,48 @@ impl Checkpoint {
     }
 }
 
+impl Checkpoint {
+    /// Slice `index` along the first dimension of tensor `name` (expert `index` of a stacked
+    /// `[E, out, in]` weight, or of its `[E, rb, cb]` scales), in the stored dtype on `device`.
+    /// Only that slice's bytes are copied out of the mapping and then dropped from the resident
+    /// set, so statistics can stream over stacked tensors far larger than memory.
+    pub fn load_index(&self, name: &str, index: usize, device: &Device) -> Result<Tensor> {
+        let info =
+            self.tensors.get(name).ok_or_else(|| Error::MissingTensor { name: name.to_string(), within: None })?;
+        let file = self.file_of(info);
+        let stored = info.candle_dtype().ok_or_else(|| Error::TensorDtype {
+            name: name.to_string(),
+            file: file.to_path_buf(),
+            found: format!("{:?}", info.dtype),
+            expected: "a dtype candle supports".into(),
+        })?;
+        let Some((&count, inner)) = info.shape.split_first() else {
+            return Err(Error::TensorShape {
+                name: name.to_string(),
+                file: file.to_path_buf(),
+                expected: vec![index + 1],
+                found: info.shape.clone(),
+            });
+        };
+        if index >= count {
+            let mut expected = info.shape.clone();
+            expected[0] = index + 1;
+            return Err(Error::TensorShape {
+                name: name.to_string(),
+                file: file.to_path_buf(),
+                expected,
+                found: info.shape.clone(),
+            });
+        }
+        let len = info.nbytes() / count;
+        let shard = &self.shards[info.file];
+        let start = shard.data_start + info.range.0 + index * len;
+        let tensor = Tensor::from_raw_buffer(&shard.mmap[start..start + len], stored, inner, device)?;
+        shard.release(start, len);
+        Ok(tensor)
+    }
+}
+
 impl Shard {
     fn open(path: &Path) -> Result<(Self, HashMap<String, TensorInfo>)> {
         let file = std::fs::File::open(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;

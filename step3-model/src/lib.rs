@@ -24,6 +24,7 @@ pub mod chat;
 pub mod checkpoint;
 pub mod config;
 mod error;
+pub mod experts;
 pub mod generation;
 pub mod hub;
 pub mod inventory;

@@ -55,24 +55,27 @@ impl DecoderLayer {
             + ffn
     }
 
+    /// The layer's output and, for an MoE layer, the normalised hidden states `[B·T, H]` its
+    /// router and experts read together with the routing chosen.
     fn forward(
         &self,
         xs: &Tensor,
         rope: &RotaryEmbedding,
         step: &step3_mfa::AttentionStep,
         cache: &mut KvCache,
-    ) -> candle_core::Result<(Tensor, Option<Routing>)> {
+    ) -> candle_core::Result<(Tensor, Option<(Tensor, Routing)>)> {
         let h = (xs + self.self_attn.forward(&self.input_layernorm.forward(xs)?, rope, step, cache)?)?;
         let z = self.post_attention_layernorm.forward(&h)?;
-        let (ffn, routing) = match &self.ffn {
+        let (ffn, moe) = match &self.ffn {
             FeedForward::Dense(mlp) => (mlp.forward(&z)?, None),
             FeedForward::Moe(moe) => {
                 let (b, t, hidden) = z.dims3()?;
-                let (out, routing) = moe.forward(&z.reshape((b * t, hidden))?)?;
-                (out.reshape((b, t, hidden))?, Some(routing))
+                let z = z.reshape((b * t, hidden))?;
+                let (out, routing) = moe.forward(&z)?;
+                (out.reshape((b, t, hidden))?, Some((z, routing)))
             }
         };
-        Ok(((h + ffn)?, routing))
+        Ok(((h + ffn)?, moe))
     }
 }
 
@@ -223,23 +226,44 @@ impl Step3TextModel {
         xs: &Tensor,
         lens: &[usize],
         cache: &mut Step3Cache,
-        mut trace: Option<&mut Vec<LayerRouting>>,
+        trace: Option<&mut Vec<LayerRouting>>,
+    ) -> Result<Tensor> {
+        match trace {
+            Some(trace) => self.forward_observed(xs, lens, cache, &mut |layer, _, routing| {
+                trace.push(LayerRouting { layer, routing: routing.clone() });
+                Ok(())
+            }),
+            None => self.forward_observed(xs, lens, cache, &mut |_, _, _| Ok(())),
+        }
+    }
+
+    /// [`Self::forward_embeds`] that shows every MoE layer to `observe` as it runs: the layer
+    /// index, the normalised hidden states `[B·T, H]` its router and experts read (rows in
+    /// (sequence, column) order, padding included), and the routing chosen. Nothing is kept
+    /// beyond the call, so diagnostics can probe the experts on the layer's real inputs without
+    /// holding every layer's activations.
+    pub fn forward_observed(
+        &self,
+        xs: &Tensor,
+        lens: &[usize],
+        cache: &mut Step3Cache,
+        observe: &mut dyn FnMut(usize, &Tensor, &Routing) -> Result<()>,
     ) -> Result<Tensor> {
         let (_, t, _) = xs.dims3()?;
         cache.table.check(lens, t)?;
         let step = cache.table.step(lens, t, &self.rope, self.dtype, &self.device)?;
-        let run = |cache: &mut Step3Cache, trace: &mut Option<&mut Vec<LayerRouting>>| -> Result<Tensor> {
+        let mut run = |cache: &mut Step3Cache| -> Result<Tensor> {
             let mut xs = xs.to_dtype(self.dtype)?;
             for (l, (layer, kv)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
-                let (out, routing) = layer.forward(&xs, &self.rope, &step, kv)?;
+                let (out, moe) = layer.forward(&xs, &self.rope, &step, kv)?;
                 xs = out;
-                if let (Some(trace), Some(routing)) = (trace.as_deref_mut(), routing) {
-                    trace.push(LayerRouting { layer: l, routing });
+                if let Some((z, routing)) = moe {
+                    observe(l, &z, &routing)?;
                 }
             }
             Ok(self.norm.forward(&xs)?)
         };
-        match run(cache, &mut trace) {
+        match run(cache) {
             Ok(hidden) => {
                 cache.table.advance(lens, t);
                 Ok(hidden)
@@ -250,6 +274,14 @@ impl Step3TextModel {
                 cache.layers.iter_mut().for_each(|kv| kv.truncate(slots));
                 Err(e)
             }
+        }
+    }
+
+    /// The MoE block of decoder layer `layer` (None for dense layers and out-of-range indices).
+    pub fn moe_block(&self, layer: usize) -> Option<&MoeBlock> {
+        match &self.layers.get(layer)?.ffn {
+            FeedForward::Moe(moe) => Some(moe),
+            FeedForward::Dense(_) => None,
         }
     }
 

@@ -9,6 +9,7 @@ use step3::DType;
 
 mod bench;
 mod cost;
+mod experts;
 mod inspect;
 mod preprocess;
 mod synthetic;
@@ -36,6 +37,8 @@ enum Command {
     Cost(cost::CostArgs),
     /// Run the official image preprocessing: pixel tensors, crops, newline flags, token layout.
     Preprocess(preprocess::PreprocessArgs),
+    /// Dead, starved and vanishing routed experts: weight norms, routing shares and output norms.
+    Experts(experts::ExpertsArgs),
     /// Write the demo checkpoint (Step3's architecture at toy size, random weights) into a directory.
     Demo {
         /// Output directory.
@@ -194,6 +197,7 @@ fn main() -> ExitCode {
         Command::Bench(a) => bench::run(a),
         Command::Cost(a) => cost::run(a),
         Command::Preprocess(a) => preprocess::run(a),
+        Command::Experts(a) => experts::run(a),
         Command::Demo { out } => step3::demo::write_demo(&out).map(|_| ExitCode::SUCCESS).map_err(Into::into),
     };
     match result {
