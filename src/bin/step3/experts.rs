@@ -125,7 +125,7 @@ pub fn run(a: ExpertsArgs) -> Result<ExitCode> {
     if let Some(r) = &routing {
         flags.extend(rules.routing_flags(r));
     }
-    flags.sort_by(|x, y| (x.layer, x.expert, x.kind).cmp(&(y.layer, y.expert, y.kind)));
+    flags.sort_by_key(|f| (f.layer, f.expert, f.kind));
 
     if let Some(path) = &a.svg {
         heatmap(path, &weights, routing.as_ref(), &flags).with_context(|| format!("writing {}", path.display()))?;
