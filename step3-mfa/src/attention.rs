@@ -114,9 +114,15 @@ fn attend(
     let (b, _, _) = q.dims3()?;
     let s = k.dim(1)?;
     let root = scale.sqrt();
-    let q32 = (q.to_dtype(DType::F32)? * root)?;
-    let k32 = (k.to_dtype(DType::F32)? * root)?;
-    let mut scores = q32.matmul(&k32.t()?)?.reshape((b, t, n, s))?;
+    let (q32, k32) = (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?);
+    let scores = if root.log2().fract() == 0.0 {
+        // A power-of-two root (head_dim 256, Step3's: root 1/4) scales exactly, so scaling the
+        // scores once is bit-identical and spares a pass over the whole K cache per step.
+        (q32.matmul(&k32.t()?)? * scale)?
+    } else {
+        (q32 * root)?.matmul(&(k32 * root)?.t()?)?
+    };
+    let mut scores = scores.reshape((b, t, n, s))?;
     if let Some(mask) = mask {
         scores = scores.broadcast_add(mask)?;
     }
@@ -149,6 +155,24 @@ mod tests {
         let want = attend(&wide(&q)?, &wide(&k)?, &wide(&v)?, scale, None, (t, n))?.to_dtype(DType::BF16)?;
         let diff = (got.to_dtype(DType::F32)? - want.to_dtype(DType::F32)?)?.abs()?.flatten_all()?.max(0)?;
         assert_eq!(diff.to_scalar::<f32>()?, 0.0);
+        Ok(())
+    }
+
+    /// With head_dim 256 the scores are scaled after the product; the reference scales q and k by
+    /// `sqrt(scale) = 1/4` first. Powers of two scale exactly, so the two agree bit for bit.
+    #[test]
+    fn power_of_two_root_scales_the_scores_exactly() -> Result<()> {
+        let dev = Device::Cpu;
+        let d = 256;
+        let det = |len: usize, seed: usize| -> Vec<f32> {
+            (0..len).map(|i| ((((i + seed) * 2654435761) % 1000) as f32 / 1000.0 - 0.5) * 6.0).collect()
+        };
+        let q = Tensor::from_vec(det(2 * d, 1), (1, 2, d), &dev)?;
+        let k = Tensor::from_vec(det(3 * d, 2), (1, 3, d), &dev)?;
+        let a = (q.matmul(&k.t()?)? * 0.0625)?;
+        let b = (q * 0.25)?.matmul(&(k * 0.25)?.t()?)?;
+        let diff = (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        assert_eq!(diff, 0.0);
         Ok(())
     }
 }
