@@ -5,8 +5,8 @@
 //! shards listed in `model.safetensors.index.json`), the inventory check of every expected tensor
 //! before anything is built, the Step3 language model composed from [`step3_mfa`] attention and
 //! [`step3_moe`] feed-forward blocks, the whole vision-language model with its image-feature
-//! merge ([`Step3Model`], the tower itself is [`step3_vision`]'s), the KV-cached generation loop
-//! and parameter arithmetic. It does not parse command lines or print: the `step3` facade crate
+//! merge ([`Step3Model`], the tower itself is [`step3_vision`]'s), the KV-cached generation loop,
+//! expert-health statistics ([`experts`]) and parameter arithmetic. It does not parse command lines or print: the `step3` facade crate
 //! does that.
 //!
 //! ```no_run
