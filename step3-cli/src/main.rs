@@ -11,6 +11,7 @@ use step3_cli::{ModelArgs, SamplingArgs};
 mod bench;
 mod bench_engine;
 mod cost;
+mod experts;
 mod inspect;
 mod preprocess;
 mod serve;
@@ -41,6 +42,8 @@ enum Command {
     Cost(cost::CostArgs),
     /// Run the official image preprocessing: pixel tensors, crops, newline flags, token layout.
     Preprocess(preprocess::PreprocessArgs),
+    /// Dead, starved and vanishing routed experts: weight norms, routing shares and output norms.
+    Experts(experts::ExpertsArgs),
     /// Write the demo checkpoint (Step3's architecture at toy size, random weights) into a directory.
     Demo {
         /// Output directory.
@@ -127,6 +130,7 @@ fn main() -> ExitCode {
         Command::Bench(a) => bench::run(a),
         Command::Cost(a) => cost::run(a),
         Command::Preprocess(a) => preprocess::run(a),
+        Command::Experts(a) => experts::run(a),
         Command::Demo { out } => step3::demo::write_demo(&out).map(|_| ExitCode::SUCCESS).map_err(Into::into),
     };
     match result {

@@ -39,10 +39,16 @@ pub struct PreprocessArgs {
     out: PathBuf,
 }
 
-/// Tokens one view of `size` pixels becomes (see `VisionConfig::tokens_per_view`).
-fn tokens(size: usize, patch: usize, stride: usize, what: &str) -> Result<usize> {
-    if size % patch != 0 || size / patch < 2 {
-        bail!("the {what} {size} is not a multiple of the ViT patch size {patch}: pass --model-dir, or --patch-size for the model you preprocess for");
+/// Tokens one view of `size` pixels becomes (see `VisionConfig::tokens_per_view`), after checking
+/// that the ViT can take the size at all. `source` names where the size came from (the flag, or
+/// the checkpoint) so the error can point at it.
+fn tokens(size: usize, patch: usize, stride: usize, source: &str) -> Result<usize> {
+    if size == 0 || size % patch != 0 || size / patch < 2 {
+        bail!(
+            "{source} {size} is not usable: the side must be a positive multiple of the ViT patch size {patch}, \
+             at least {} pixels (Step3 uses 728 for the global view and 504 for crops)",
+            2 * patch
+        );
     }
     Ok(vision::tokens_per_view(size, patch, stride))
 }
@@ -52,9 +58,14 @@ pub fn run(a: PreprocessArgs) -> Result<ExitCode> {
         Some(dir) => {
             let ckpt = step3::Step3Checkpoint::open(dir).with_context(|| format!("opening {}", dir.display()))?;
             let v = ckpt.config().vision.as_ref().context("the checkpoint has no vision tower")?;
-            (ckpt.preprocess_config(a.crop_size)?, v.patch_size, v.projector_stride)
+            (ckpt.preprocess_config(None)?, v.patch_size, v.projector_stride)
         }
-        None => (PreprocessConfig::default(), a.patch_size, a.projector_stride),
+        None => {
+            if a.patch_size == 0 || a.projector_stride == 0 {
+                bail!("--patch-size and --projector-stride must be positive (Step3: 14 and 2)");
+            }
+            (PreprocessConfig::default(), a.patch_size, a.projector_stride)
+        }
     };
     if let Some(s) = a.image_size {
         cfg.image_size = s;
@@ -67,8 +78,15 @@ pub fn run(a: PreprocessArgs) -> Result<ExitCode> {
         Err(_) => bail!("--window-rule must be `<=` or `<`, not `{}`", a.window_rule),
     };
     cfg.enable_patch = !a.no_crops;
-    let layout_sizes =
-        (tokens(cfg.crop_size, patch, stride, "crop size")?, tokens(cfg.image_size, patch, stride, "image size")?);
+    let source = |flag: &str, given: bool, key: &str| match (given, &a.model_dir) {
+        (true, _) => flag.to_string(),
+        (false, Some(_)) => format!("the checkpoint's {key}"),
+        (false, None) => format!("the default {key}"),
+    };
+    let layout_sizes = (
+        tokens(cfg.crop_size, patch, stride, &source("--crop-size", a.crop_size.is_some(), "crop_size"))?,
+        tokens(cfg.image_size, patch, stride, &source("--image-size", a.image_size.is_some(), "image_size"))?,
+    );
     let img = vision::load_image(&a.image, cfg.max_pixels)?;
     let p = vision::preprocess(&img, &cfg).with_context(|| a.image.display().to_string())?;
     let mut tensors = vec![("pixel_values".to_string(), p.pixel_values.clone())];

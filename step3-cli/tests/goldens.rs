@@ -39,6 +39,9 @@ fn f32_goldens_match_the_reference() {
         "vl-f32/text.batched.seq1.decode_logits",
         "vl-bf16/f32compute.text.seq0.prefill_logits",
         "vl-bf16/f32compute.text.seq1.greedy_tokens",
+        "text-bf16/f32compute.text.seq0.prefill_logits",
+        "text-bf16/f32compute.text.seq1.decode_logits",
+        "text-bf16/f32compute.text.seq1.greedy_tokens",
         "moe-renorm-f32/text.seq0.router.layer2.topk_weights",
         "moe-renorm-f32/text.seq1.greedy_tokens",
         "moe-renorm-f32/no_renorm.text.seq1.prefill_logits",
@@ -55,6 +58,11 @@ fn f32_goldens_match_the_reference() {
         "preprocess/tiny.pano_900x150.token_layout_segments",
         "preprocess/real.grid_760x620.patch_pixel_values_sub8",
         "preprocess/real.grid_760x620.pixel_values_stats.abs_sum",
+        "preprocess/thin.thin_1x1.pixel_values_sub2",
+        "preprocess/thin.thin_1x4.patch_newline_mask",
+        "preprocess/thin.thin_1x4000.patch_pixel_values_sub4",
+        "preprocess/thin.thin_4000x1.crop_canvas_u8_sha256",
+        "preprocess/thin.thin_4000x1.token_layout_segments",
         "vl-f32/vision.pixel_values",
         "vl-f32/vision.global.encoder_out_full",
         "vl-f32/vision.patch.down1",
@@ -77,6 +85,8 @@ fn f32_goldens_match_the_reference() {
     assert_eq!(sums, 2 * 27);
     // Every preprocessing golden of the 7 tiny images and the real-settings image is checked.
     assert!(checks.iter().filter(|c| c.name.starts_with("preprocess/tiny.")).count() >= 7 * 6);
+    // ... and of the 8 thin images (1x1 up to 4000x1).
+    assert!(checks.iter().filter(|c| c.name.starts_with("preprocess/thin.")).count() >= 8 * 7);
     // Exact goldens are gating; float agreement is far inside the tolerance and the resamplers
     // are bit-exact.
     for c in &checks {
@@ -93,14 +103,25 @@ fn f32_goldens_match_the_reference() {
 fn bf16_compute_matches_the_reference_loosely() {
     let checks = run(DType::BF16);
     assert_all_pass(&checks);
-    // The reference's own bf16 goldens gate at 5e-2 ...
-    for want in
-        ["prefill_logits", "prefill_last_hidden", "decode_logits", "decode_last_hidden", "router.layer1.topk_weights"]
-    {
-        for seq in ["seq0", "seq1"] {
-            let name = format!("vl-bf16/bf16compute.text.{seq}.{want}");
-            let c = checks.iter().find(|c| c.name == name).unwrap_or_else(|| panic!("no check {name}"));
-            assert!(c.gating && c.passed(), "{c}");
+    // The reference's own bf16 goldens gate at 5e-2, on the official checkpoint and on
+    // `text-bf16` (other sizes, top-2, theta 1e4), where bf16 rounding that departs from
+    // PyTorch's drifts past 5e-2. The text path follows PyTorch's rounding op for op, so it
+    // stays within 2e-2 on every sequence (in practice ≤ 1e-2, mostly bit-exact).
+    for folder in ["vl-bf16", "text-bf16"] {
+        for want in [
+            "prefill_logits",
+            "prefill_last_hidden",
+            "decode_logits",
+            "decode_last_hidden",
+            "router.layer1.topk_weights",
+        ] {
+            for seq in ["seq0", "seq1"] {
+                let name = format!("{folder}/bf16compute.text.{seq}.{want}");
+                let c = checks.iter().find(|c| c.name == name).unwrap_or_else(|| panic!("no check {name}"));
+                assert!(c.gating && c.passed(), "{c}");
+                let Measure::RelErr { worst, .. } = c.measure else { panic!("{c}") };
+                assert!(worst <= 2e-2, "{c}");
+            }
         }
     }
     for want in ["prefill_logits", "prefill_last_hidden", "decode_logits"] {

@@ -181,7 +181,8 @@ fn bad_images_get_clear_errors() {
     std::fs::write(p("text.png"), b"this is not an image").unwrap();
     let png = std::fs::read(image("grid_760x620.png")).unwrap();
     std::fs::write(p("truncated.png"), &png[..png.len() / 2]).unwrap();
-    image::RgbImage::new(1, 300).save(p("thin.png")).unwrap();
+    // One pixel wide is fine (padded to a square), unless the square breaks the pixel limit.
+    image::RgbImage::new(1, 12_000).save(p("thin.png")).unwrap();
     // A PNG header claiming 100000 x 100000 pixels: refused before any pixel buffer is allocated.
     let mut bomb = png[..33].to_vec();
     bomb[16..20].copy_from_slice(&100_000u32.to_be_bytes());
@@ -195,7 +196,7 @@ fn bad_images_get_clear_errors() {
         (p("empty.png"), "empty (0 bytes)"),
         (p("text.png"), "cannot decode the image"),
         (p("truncated.png"), "cannot decode the image"),
-        (p("thin.png"), "1x300 pixels: at least 2 pixels per side"),
+        (p("thin.png"), "the 1x12000 image is padded to a 12000x12000 square"),
         (p("bomb.png"), "100000x100000 pixels, more than the limit"),
     ];
     let dir = fixtures().join("vl-f32").to_string_lossy().into_owned();
@@ -207,5 +208,62 @@ fn bad_images_get_clear_errors() {
         let out = step3(&["generate", "--model-dir", &dir, "--ids", "1,301", "--image", &file, "--crop-size", "40"]);
         assert_eq!(out.status.code(), Some(1), "{file}");
         assert!(stderr(&out).contains(needle), "{file}: {}", stderr(&out));
+    }
+}
+
+#[test]
+fn unusable_view_sizes_name_the_option() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out_file = tmp.path().join("o.safetensors").to_string_lossy().into_owned();
+    let img = image("square_64x48.png");
+    let dir = fixtures().join("vl-f32").to_string_lossy().into_owned();
+    let cases: [(&[&str], &str); 6] = [
+        (&["--image-size", "0"], "--image-size 0 is not usable"),
+        (&["--crop-size", "0"], "--crop-size 0 is not usable"),
+        (&["--image-size", "30"], "--image-size 30 is not usable"),
+        (&["--model-dir", &dir, "--crop-size", "0"], "--crop-size 0 is not usable"),
+        (&["--model-dir", &dir, "--image-size", "7"], "multiple of the ViT patch size 4, at least 8 pixels"),
+        (&["--patch-size", "0"], "--patch-size and --projector-stride must be positive"),
+    ];
+    for (extra, needle) in cases {
+        let mut args = vec!["preprocess", "--image", &img, "--out", &out_file];
+        args.extend_from_slice(extra);
+        let out = step3(&args);
+        assert_eq!(out.status.code(), Some(1), "{extra:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains(needle), "{extra:?}: {}", stderr(&out));
+        assert!(!stderr(&out).contains("panicked"), "{extra:?}");
+    }
+    let out = step3(&["preprocess", "--image", &img, "--out", &out_file, "--image-size", "0"]);
+    assert!(
+        stderr(&out).contains("positive multiple of the ViT patch size 14, at least 28 pixels"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+/// Images one pixel wide or tall run through the whole model, with the token layout the reference
+/// gives them (their preprocessing is checked against the reference in `preprocess/thin.*`, see
+/// tests/goldens.rs).
+#[test]
+fn thin_images_run_through_the_model() {
+    let dir = fixtures().join("vl-f32").to_string_lossy().into_owned();
+    let thin: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("preprocess/thin.json")).unwrap()).unwrap();
+    let special = golden_json("vl-f32")["special_token_ids"].clone();
+    for name in ["thin_1x1", "thin_1x4", "thin_4000x1"] {
+        let mut ids = vec!["1".to_string()];
+        for seg in thin["images"][name]["token_layout_segments"].as_array().unwrap() {
+            let id = special[seg[0].as_str().unwrap()].to_string();
+            ids.extend(std::iter::repeat_n(id, seg[1].as_u64().unwrap() as usize));
+        }
+        ids.push("7".to_string());
+        let file = image(&format!("{name}.png"));
+        let extra = ["--image", file.as_str(), "--crop-size", "40"];
+        let out = step3(
+            &[&["generate", "--model-dir", &dir, "--ids", &ids.join(","), "--max-new-tokens", "2"][..], &extra[..]]
+                .concat(),
+        );
+        assert!(out.status.success(), "{name}: {}", stderr(&out));
+        assert_eq!(stdout(&out).trim().split(',').count(), 2, "{name}: {}", stdout(&out));
     }
 }

@@ -67,7 +67,8 @@ impl MfaAttention {
     ///
     /// Appends this step's K/V to `cache`. All query heads of a sequence attend to the single K/V
     /// head in one matmul: q is viewed as `[B, T·heads, d]` against K `[B, S, d]`, with no copy
-    /// of K or V per head.
+    /// of K or V per head. The attention itself runs in f32 whatever the activation dtype (see
+    /// `attend`).
     pub fn forward(
         &self,
         xs: &Tensor,
@@ -84,7 +85,9 @@ impl MfaAttention {
         let k = rope.apply(&k, &step.cos, &step.sin)?.reshape((b, t, d))?;
         let v = self.v_proj.forward(xs)?;
         let (k, v) = cache.append(&k, &v)?;
-        let out = self.attend(&q.reshape((b, t * n, d))?, &k, &v, step.mask.as_ref(), t)?;
+
+        // [B, T·n, d] × [B, d, S]: rows ordered (token, head).
+        let out = attend(&q.reshape((b, t * n, d))?, &k, &v, self.scale, step.mask.as_ref(), (t, n))?;
         self.o_proj.forward(&out.reshape((b, t, n * d))?)
     }
 
@@ -113,26 +116,95 @@ impl MfaAttention {
             let q = q.narrow(0, g.row, g.batch * g.q_len)?.reshape((g.batch, g.q_len * n, d))?;
             let (k, v) = cache.gather(&g.gather)?;
             let (k, v) = (k.reshape((g.batch, g.s, d))?, v.reshape((g.batch, g.s, d))?);
-            let out = self.attend(&q, &k, &v, g.mask.as_ref(), g.q_len)?;
+            let out = attend(&q, &k, &v, self.scale, g.mask.as_ref(), (g.q_len, n))?;
             outs.push(out.reshape((g.batch * g.q_len, n * d))?);
         }
         let out = if outs.len() == 1 { outs.remove(0) } else { Tensor::cat(&outs, 0)? };
         self.o_proj.forward(&out)
     }
+}
 
-    /// Softmax attention of `q: [B, T·n, d]` (rows ordered token, head) over one shared K/V head
-    /// `k, v: [B, S, d]`, with an additive f32 mask `[B or 1, T, 1, S]`: scores and softmax in
-    /// f32, the probabilities cast back to the activation dtype → `[B, T·n, d]`.
-    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, t: usize) -> Result<Tensor> {
-        let (b, tn, _) = q.dims3()?;
-        let s = k.dim(1)?;
-        // [B, T·n, d] × [B, d, S]: all heads of a sequence in one matmul.
-        let scores = (q.matmul(&k.t()?)? * self.scale)?;
-        let mut scores = scores.to_dtype(DType::F32)?.reshape((b, t, tn / t, s))?;
-        if let Some(mask) = mask {
-            scores = scores.broadcast_add(mask)?;
-        }
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(q.dtype())?;
-        probs.reshape((b, tn, s))?.matmul(v)
+/// `softmax(q·kᵀ·scale + mask) · v` computed in f32 and rounded to `q`'s dtype once, as the
+/// reference computes it.
+///
+/// StepFun's remote code runs attention through PyTorch's `scaled_dot_product_attention` with one
+/// K/V head for all query heads (`enable_gqa`), which PyTorch serves with its "math" kernel: that
+/// kernel widens bf16/f16 q, k and v to f32, multiplies q and k each by `sqrt(scale)`, and keeps the
+/// scores, the softmax and the product with v in f32. Rounding the scores or the probabilities to
+/// bf16 instead (what a plain bf16 matmul does) moves bf16 logits by about 1e-2 relative.
+///
+/// Shapes: `q [B, T·n, d]` (rows ordered token, head), `k`, `v` `[B, S, d]`, `mask` additive f32
+/// `[B or 1, T, 1, S]`; `(t, n)` splits the rows of `q`. Output `[B, T·n, d]` in `q`'s dtype.
+fn attend(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    mask: Option<&Tensor>,
+    (t, n): (usize, usize),
+) -> Result<Tensor> {
+    let (b, _, _) = q.dims3()?;
+    let s = k.dim(1)?;
+    let root = scale.sqrt();
+    let (q32, k32) = (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?);
+    let scores = if root.log2().fract() == 0.0 {
+        // A power-of-two root (head_dim 256, Step3's: root 1/4) scales exactly, so scaling the
+        // scores once is bit-identical and spares a pass over the whole K cache per step.
+        (q32.matmul(&k32.t()?)? * scale)?
+    } else {
+        (q32 * root)?.matmul(&(k32 * root)?.t()?)?
+    };
+    let mut scores = scores.reshape((b, t, n, s))?;
+    if let Some(mask) = mask {
+        scores = scores.broadcast_add(mask)?;
+    }
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?.reshape((b, t * n, s))?;
+    probs.matmul(&v.to_dtype(DType::F32)?)?.to_dtype(q.dtype())
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::Device;
+
+    use super::*;
+
+    /// bf16 attention is f32 attention on the same (widened) values, rounded once at the end: no
+    /// score or probability is rounded to bf16 on the way.
+    #[test]
+    fn half_precision_attention_rounds_once() -> Result<()> {
+        let dev = Device::Cpu;
+        let (t, n, d, s) = (3, 4, 32, 5);
+        let det = |len: usize, seed: usize| -> Vec<f32> {
+            (0..len).map(|i| ((((i + seed) * 2654435761) % 1000) as f32 / 1000.0 - 0.5) * 6.0).collect()
+        };
+        let q = Tensor::from_vec(det(t * n * d, 1), (1, t * n, d), &dev)?.to_dtype(DType::BF16)?;
+        let k = Tensor::from_vec(det(s * d, 2), (1, s, d), &dev)?.to_dtype(DType::BF16)?;
+        let v = Tensor::from_vec(det(s * d, 3), (1, s, d), &dev)?.to_dtype(DType::BF16)?;
+        let scale = 1.0 / (d as f64).sqrt();
+        let got = attend(&q, &k, &v, scale, None, (t, n))?;
+        assert_eq!(got.dtype(), DType::BF16);
+        let wide = |x: &Tensor| x.to_dtype(DType::F32);
+        let want = attend(&wide(&q)?, &wide(&k)?, &wide(&v)?, scale, None, (t, n))?.to_dtype(DType::BF16)?;
+        let diff = (got.to_dtype(DType::F32)? - want.to_dtype(DType::F32)?)?.abs()?.flatten_all()?.max(0)?;
+        assert_eq!(diff.to_scalar::<f32>()?, 0.0);
+        Ok(())
+    }
+
+    /// With head_dim 256 the scores are scaled after the product; the reference scales q and k by
+    /// `sqrt(scale) = 1/4` first. Powers of two scale exactly, so the two agree bit for bit.
+    #[test]
+    fn power_of_two_root_scales_the_scores_exactly() -> Result<()> {
+        let dev = Device::Cpu;
+        let d = 256;
+        let det = |len: usize, seed: usize| -> Vec<f32> {
+            (0..len).map(|i| ((((i + seed) * 2654435761) % 1000) as f32 / 1000.0 - 0.5) * 6.0).collect()
+        };
+        let q = Tensor::from_vec(det(2 * d, 1), (1, 2, d), &dev)?;
+        let k = Tensor::from_vec(det(3 * d, 2), (1, 3, d), &dev)?;
+        let a = (q.matmul(&k.t()?)? * 0.0625)?;
+        let b = (q * 0.25)?.matmul(&(k * 0.25)?.t()?)?;
+        let diff = (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        assert_eq!(diff, 0.0);
+        Ok(())
     }
 }

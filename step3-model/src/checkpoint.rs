@@ -158,30 +158,74 @@ impl Checkpoint {
 
     /// Loads tensor `name` onto `device` as `dtype`, checking its shape when `shape` is given.
     pub fn load(&self, name: &str, shape: Option<&Shape>, dtype: DType, device: &Device) -> Result<Tensor> {
-        let info =
-            self.tensors.get(name).ok_or_else(|| Error::MissingTensor { name: name.to_string(), within: None })?;
-        let file = self.file_of(info);
+        let (info, stored) = self.entry(name)?;
         if let Some(shape) = shape {
             if shape.dims() != info.shape.as_slice() {
                 return Err(Error::TensorShape {
                     name: name.to_string(),
-                    file: file.to_path_buf(),
+                    file: self.file_of(info).to_path_buf(),
                     expected: shape.dims().to_vec(),
                     found: info.shape.clone(),
                 });
             }
         }
+        let tensor = self.copy_out(info, 0, info.nbytes(), stored, &info.shape, device)?;
+        Ok(if stored == dtype { tensor } else { tensor.to_dtype(dtype)? })
+    }
+
+    /// Slice `index` along the first dimension of tensor `name` (expert `index` of a stacked
+    /// `[E, out, in]` weight, or of its `[E, rb, cb]` scales), in the stored dtype on `device`.
+    /// Only that slice's bytes are copied out of the mapping and then dropped from the resident
+    /// set, so statistics can stream over stacked tensors far larger than memory.
+    pub fn load_index(&self, name: &str, index: usize, device: &Device) -> Result<Tensor> {
+        let (info, stored) = self.entry(name)?;
+        let count = info.shape.first().copied().unwrap_or(0);
+        if index >= count {
+            let mut expected = info.shape.clone();
+            match expected.first_mut() {
+                Some(first) => *first = index + 1,
+                None => expected.push(index + 1),
+            }
+            return Err(Error::TensorShape {
+                name: name.to_string(),
+                file: self.file_of(info).to_path_buf(),
+                expected,
+                found: info.shape.clone(),
+            });
+        }
+        let len = info.nbytes() / count;
+        self.copy_out(info, index * len, len, stored, &info.shape[1..], device)
+    }
+
+    /// The header entry of `name` and its stored dtype.
+    fn entry(&self, name: &str) -> Result<(&TensorInfo, DType)> {
+        let info =
+            self.tensors.get(name).ok_or_else(|| Error::MissingTensor { name: name.to_string(), within: None })?;
         let stored = info.candle_dtype().ok_or_else(|| Error::TensorDtype {
             name: name.to_string(),
-            file: file.to_path_buf(),
+            file: self.file_of(info).to_path_buf(),
             found: format!("{:?}", info.dtype),
             expected: "a dtype candle supports".into(),
         })?;
+        Ok((info, stored))
+    }
+
+    /// Copies `len` bytes from `offset` into `info`'s data out of the mapping as a `dims` tensor of
+    /// `stored` dtype, then drops those pages from the resident set.
+    fn copy_out(
+        &self,
+        info: &TensorInfo,
+        offset: usize,
+        len: usize,
+        stored: DType,
+        dims: &[usize],
+        device: &Device,
+    ) -> Result<Tensor> {
         let shard = &self.shards[info.file];
-        let (start, end) = (shard.data_start + info.range.0, shard.data_start + info.range.1);
-        let tensor = Tensor::from_raw_buffer(&shard.mmap[start..end], stored, &info.shape, device)?;
-        shard.release(start, end - start);
-        Ok(if stored == dtype { tensor } else { tensor.to_dtype(dtype)? })
+        let start = shard.data_start + info.range.0 + offset;
+        let tensor = Tensor::from_raw_buffer(&shard.mmap[start..start + len], stored, dims, device)?;
+        shard.release(start, len);
+        Ok(tensor)
     }
 }
 

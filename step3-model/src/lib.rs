@@ -7,8 +7,8 @@
 //! vision-language model with its image-feature merge ([`Step3Model`]; the tower itself is
 //! [`step3_vision`]'s), the tokenizer and chat format, turning generated tokens into reasoning,
 //! answer and tool calls ([`stream`]), sampling ([`sampling`]), the checkpoint's generation
-//! settings and the single-sequence decode loop ([`generation`]), the Hugging Face hub, and
-//! parameter arithmetic. `config.json` itself is parsed by [`step3_config`] (re-exported here).
+//! settings and the single-sequence decode loop ([`generation`]), the Hugging Face hub,
+//! expert-health statistics ([`experts`]) and parameter arithmetic. `config.json` itself is parsed by [`step3_config`] (re-exported here).
 //! It does not schedule requests (`step3-engine`), speak HTTP, parse command lines or print.
 //!
 //! ```no_run
@@ -25,6 +25,7 @@
 pub mod chat;
 pub mod checkpoint;
 mod error;
+pub mod experts;
 pub mod generation;
 pub mod hub;
 pub mod inventory;

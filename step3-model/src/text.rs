@@ -57,43 +57,45 @@ impl DecoderLayer {
             + ffn
     }
 
-    /// `xs: [B, T, H]` over a contiguous cache.
+    /// `xs: [B, T, H]` over a contiguous cache. Returns the layer's output and, for an MoE layer,
+    /// the normalised hidden states its router and experts read together with the routing chosen.
     fn forward(
         &self,
         xs: &Tensor,
         rope: &RotaryEmbedding,
         step: &step3_mfa::AttentionStep,
         cache: &mut KvCache,
-    ) -> candle_core::Result<(Tensor, Option<Routing>)> {
+    ) -> candle_core::Result<(Tensor, Option<(Tensor, Routing)>)> {
         let h = (xs + self.self_attn.forward(&self.input_layernorm.forward(xs)?, rope, step, cache)?)?;
         self.feed_forward(&h)
     }
 
-    /// `xs: [N, H]` (the step's tokens, flattened) over a paged cache.
+    /// [`Self::forward`] for `xs: [N, H]` (the step's tokens, flattened) over a paged cache.
     fn forward_paged(
         &self,
         xs: &Tensor,
         rope: &RotaryEmbedding,
         step: &PagedStep,
         cache: &PagedKvCache,
-    ) -> candle_core::Result<(Tensor, Option<Routing>)> {
+    ) -> candle_core::Result<(Tensor, Option<(Tensor, Routing)>)> {
         let h = (xs + self.self_attn.forward_paged(&self.input_layernorm.forward(xs)?, rope, step, cache)?)?;
         self.feed_forward(&h)
     }
 
     /// The second half of the layer: `h + FFN(norm(h))`, for `h` of any rank with the hidden size
-    /// last.
-    fn feed_forward(&self, h: &Tensor) -> candle_core::Result<(Tensor, Option<Routing>)> {
+    /// last; for an MoE layer also its input `[N, H]` and routing.
+    fn feed_forward(&self, h: &Tensor) -> candle_core::Result<(Tensor, Option<(Tensor, Routing)>)> {
         let z = self.post_attention_layernorm.forward(h)?;
-        let (ffn, routing) = match &self.ffn {
+        let (ffn, moe) = match &self.ffn {
             FeedForward::Dense(mlp) => (mlp.forward(&z)?, None),
             FeedForward::Moe(moe) => {
                 let hidden = z.dim(candle_core::D::Minus1)?;
-                let (out, routing) = moe.forward(&z.reshape(((), hidden))?)?;
-                (out.reshape(z.shape())?, Some(routing))
+                let flat = z.reshape(((), hidden))?;
+                let (out, routing) = moe.forward(&flat)?;
+                (out.reshape(z.shape())?, Some((flat, routing)))
             }
         };
-        Ok(((h + ffn)?, routing))
+        Ok(((h + ffn)?, moe))
     }
 }
 
@@ -271,23 +273,44 @@ impl Step3TextModel {
         xs: &Tensor,
         lens: &[usize],
         cache: &mut Step3Cache,
-        mut trace: Option<&mut Vec<LayerRouting>>,
+        trace: Option<&mut Vec<LayerRouting>>,
+    ) -> Result<Tensor> {
+        match trace {
+            Some(trace) => self.forward_observed(xs, lens, cache, &mut |layer, _, routing| {
+                trace.push(LayerRouting { layer, routing: routing.clone() });
+                Ok(())
+            }),
+            None => self.forward_observed(xs, lens, cache, &mut |_, _, _| Ok(())),
+        }
+    }
+
+    /// [`Self::forward_embeds`] that shows every MoE layer to `observe` as it runs: the layer
+    /// index, the normalised hidden states `[B·T, H]` its router and experts read (rows in
+    /// (sequence, column) order, padding included), and the routing chosen. Nothing is kept
+    /// beyond the call, so diagnostics can probe the experts on the layer's real inputs without
+    /// holding every layer's activations.
+    pub fn forward_observed(
+        &self,
+        xs: &Tensor,
+        lens: &[usize],
+        cache: &mut Step3Cache,
+        observe: &mut dyn FnMut(usize, &Tensor, &Routing) -> Result<()>,
     ) -> Result<Tensor> {
         let (_, t, _) = xs.dims3()?;
         cache.table.check(lens, t)?;
         let step = cache.table.step(lens, t, &self.rope, self.dtype, &self.device)?;
-        let run = |cache: &mut Step3Cache, trace: &mut Option<&mut Vec<LayerRouting>>| -> Result<Tensor> {
+        let mut run = |cache: &mut Step3Cache| -> Result<Tensor> {
             let mut xs = xs.to_dtype(self.dtype)?;
             for (l, (layer, kv)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
-                let (out, routing) = layer.forward(&xs, &self.rope, &step, kv)?;
+                let (out, moe) = layer.forward(&xs, &self.rope, &step, kv)?;
                 xs = out;
-                if let (Some(trace), Some(routing)) = (trace.as_deref_mut(), routing) {
-                    trace.push(LayerRouting { layer: l, routing });
+                if let Some((z, routing)) = moe {
+                    observe(l, &z, &routing)?;
                 }
             }
             Ok(self.norm.forward(&xs)?)
         };
-        match run(cache, &mut trace) {
+        match run(cache) {
             Ok(hidden) => {
                 cache.table.advance(lens, t);
                 Ok(hidden)
@@ -348,13 +371,21 @@ impl Step3TextModel {
         }
         let mut xs = xs.to_dtype(self.dtype)?;
         for (l, (layer, kv)) in self.layers.iter().zip(&cache.layers).enumerate() {
-            let (out, routing) = layer.forward_paged(&xs, &self.rope, step, kv)?;
+            let (out, moe) = layer.forward_paged(&xs, &self.rope, step, kv)?;
             xs = out;
-            if let (Some(trace), Some(routing)) = (trace.as_deref_mut(), routing) {
+            if let (Some(trace), Some((_, routing))) = (trace.as_deref_mut(), moe) {
                 trace.push(LayerRouting { layer: l, routing });
             }
         }
         Ok(self.norm.forward(&xs)?)
+    }
+
+    /// The MoE block of decoder layer `layer` (None for dense layers and out-of-range indices).
+    pub fn moe_block(&self, layer: usize) -> Option<&MoeBlock> {
+        match &self.layers.get(layer)?.ffn {
+            FeedForward::Moe(moe) => Some(moe),
+            FeedForward::Dense(_) => None,
+        }
     }
 
     /// [`Self::forward_embeds`] on token ids `[B, T]` (u32).

@@ -38,6 +38,17 @@ impl StackedExperts {
         self.num_experts
     }
 
+    /// Expert `e` alone on `xs: [N, H]`, before any routing weight: `down_e(silu(gate_e x) ⊙
+    /// up_e x)`, `[N, H]`.
+    pub fn expert_forward(&self, e: usize, xs: &Tensor) -> Result<Tensor> {
+        if e >= self.num_experts {
+            candle_core::bail!("expert {e} of {}", self.num_experts)
+        }
+        let gate = self.gate_proj.get(e)?.matmul_t(xs)?;
+        let up = self.up_proj.get(e)?.matmul_t(xs)?;
+        self.down_proj.get(e)?.matmul_t(&(step3_nn::silu(&gate)? * up)?)
+    }
+
     /// `xs: [N, H]` → `Σ_j weights[n, j] · Expert_{ids[n, j]}(xs[n])`, `[N, H]`.
     ///
     /// On CUDA with dense bf16/f16 experts this is [`Self::forward_fused`] (no host round-trip);
@@ -67,7 +78,7 @@ impl StackedExperts {
         let gate = candle_nn::moe::moe_gemm(xs, gate_w, &None, &sorted_token_ids, &expert_ids, k, prefill)?;
         let up = candle_nn::moe::moe_gemm(xs, up_w, &None, &sorted_token_ids, &expert_ids, k, prefill)?;
         let i = gate.dim(candle_core::D::Minus1)?;
-        let hidden = (candle_nn::ops::silu(&gate)? * up)?.reshape(((), i))?;
+        let hidden = (step3_nn::silu(&gate)? * up)?.reshape(((), i))?;
         let weights = Some(routing.weights.to_dtype(DType::F32)?.contiguous()?);
         let ys = candle_nn::moe::moe_gemm(&hidden, down_w, &weights, &sorted_token_ids, &expert_ids, k, prefill)?;
         ys.reshape((n, k, h))?.sum(1)
@@ -102,10 +113,7 @@ impl StackedExperts {
                 continue;
             }
             let idx = Tensor::new(tokens[e].as_slice(), dev)?;
-            let x = xs.index_select(&idx, 0)?;
-            let gate = self.gate_proj.get(e)?.matmul_t(&x)?;
-            let up = self.up_proj.get(e)?.matmul_t(&x)?;
-            let y = self.down_proj.get(e)?.matmul_t(&(candle_nn::ops::silu(&gate)? * up)?)?;
+            let y = self.expert_forward(e, &xs.index_select(&idx, 0)?)?;
             let w = weights.index_select(&Tensor::new(slots[e].as_slice(), dev)?, 0)?;
             outputs.push(y.broadcast_mul(&w.unsqueeze(1)?)?);
             rows.extend_from_slice(&tokens[e]);

@@ -78,6 +78,14 @@ impl MoeBlock {
         &self.router
     }
 
+    pub fn experts(&self) -> &StackedExperts {
+        &self.experts
+    }
+
+    pub fn shared_expert(&self) -> &SwiGluMlp {
+        &self.shared_expert
+    }
+
     /// `xs: [N, H]` → (`[N, H]`, the routing used).
     pub fn forward(&self, xs: &Tensor) -> Result<(Tensor, Routing)> {
         let routing = self.router.route(xs)?;

@@ -30,7 +30,7 @@ impl SwiGluMlp {
 
 impl Module for SwiGluMlp {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let gate = candle_nn::ops::silu(&self.gate_proj.forward(xs)?)?;
+        let gate = step3_nn::silu(&self.gate_proj.forward(xs)?)?;
         self.down_proj.forward(&(gate * self.up_proj.forward(xs)?)?)
     }
 }

@@ -84,6 +84,13 @@ impl Weight {
     /// On the CPU, block-FP8 and half-precision weights are widened to f32 a few rows at a time
     /// (tiles of about 4 MiB) and multiplied tile by tile, so no weight-sized buffer is allocated.
     pub fn matmul_t(&self, xs: &Tensor) -> Result<Tensor> {
+        self.matmul_t_acc(xs)?.to_dtype(xs.dtype())
+    }
+
+    /// [`Self::matmul_t`] before the result is rounded to `xs`'s dtype: the f32 accumulator on
+    /// the CPU paths (so a bias can be added before the single rounding, as PyTorch's `addmm`
+    /// does), the already-rounded product elsewhere.
+    pub fn matmul_t_acc(&self, xs: &Tensor) -> Result<Tensor> {
         let w_dims = self.dims();
         if w_dims.len() != 2 {
             candle_core::bail!("matmul_t needs a 2-D weight, got {w_dims:?}")
@@ -135,8 +142,8 @@ fn tile_rows(cols: usize, align: usize) -> usize {
 }
 
 /// `xs [N, in] · Wᵀ` for a bf16/f16 weight on the CPU: each tile of rows is widened to f32
-/// (exactly) and multiplied in f32, the result rounded back: the arithmetic of a half-precision
-/// GEMM with f32 accumulation, without the weight-sized f32 copy that candle's CPU half GEMM
+/// (exactly) and multiplied in f32, the f32 result left for the caller to round: the arithmetic of
+/// a half-precision GEMM with f32 accumulation, without the weight-sized f32 copy that candle's CPU half GEMM
 /// makes on every call.
 fn half_matmul_t_tiled(xs: &Tensor, w: &Tensor) -> Result<Tensor> {
     let (rows, cols) = w.dims2()?;
@@ -144,7 +151,7 @@ fn half_matmul_t_tiled(xs: &Tensor, w: &Tensor) -> Result<Tensor> {
 }
 
 /// `xs [N, in] · Wᵀ` in f32 for a weight of `rows` rows that `widen(start, n)` produces as f32,
-/// `tile` rows at a time; the result is rounded back to `xs`'s dtype.
+/// `tile` rows at a time; the result stays in f32 (the caller rounds it).
 fn tiled_matmul_t(
     xs: &Tensor,
     rows: usize,
@@ -156,7 +163,7 @@ fn tiled_matmul_t(
     for start in (0..rows).step_by(tile) {
         outs.push(xs32.matmul(&widen(start, tile.min(rows - start))?.t()?)?);
     }
-    Tensor::cat(&outs, 1)?.to_dtype(xs.dtype())
+    Tensor::cat(&outs, 1)
 }
 
 /// Bytes of a tensor's elements.
@@ -214,8 +221,8 @@ impl BlockFp8 {
     /// `xs [N, in] · Wᵀ` for a 2-D weight, dequantising `TILE_BYTES` of rows at a time.
     ///
     /// For a bf16/f16 compute dtype the tiles are produced as f32 values that are exactly the
-    /// bf16/f16-rounded weights, and multiplied in f32 with f32 accumulation; the result is rounded
-    /// back. That is the arithmetic of a bf16 GEMM with f32 accumulation, but it skips the
+    /// bf16/f16-rounded weights, and multiplied in f32 with f32 accumulation; the f32 result is
+    /// left for the caller to round. That is the arithmetic of a bf16 GEMM with f32 accumulation, but it skips the
     /// weight-sized f32 conversion candle's CPU half-precision GEMM performs on every call.
     fn matmul_t_tiled(&self, xs: &Tensor) -> Result<Tensor> {
         let (rows, cols) = self.values.dims2()?;

@@ -37,8 +37,13 @@ pub enum VisionError {
         path.as_ref().map(|p| format!("{}: ", p.display())).unwrap_or_default()
     )]
     TooLarge { path: Option<PathBuf>, width: u32, height: u32, max_pixels: u64 },
-    #[error("the image is {width}x{height} pixels: at least 2 pixels per side are needed")]
+    #[error("the image is {width}x{height} pixels: it has no pixels")]
     Degenerate { width: u32, height: u32 },
+    #[error(
+        "the {width}x{height} image is padded to a {side}x{side} square before scaling (as the reference does for thin images), \
+         more than the limit of {max_pixels} pixels"
+    )]
+    PaddedTooLarge { width: u32, height: u32, side: u32, max_pixels: u64 },
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }

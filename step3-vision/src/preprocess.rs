@@ -265,16 +265,20 @@ pub fn to_pixels(img: &RgbImage, size: usize) -> Vec<f32> {
 /// Runs the whole preprocessing on a decoded RGB image.
 pub fn preprocess(img: &RgbImage, cfg: &PreprocessConfig) -> Result<PreprocessedImage, VisionError> {
     let (w, h) = (img.width(), img.height());
-    if w < 2 || h < 2 {
+    if w == 0 || h == 0 {
         return Err(VisionError::Degenerate { width: w, height: h });
     }
     let original_size = (w, h);
-    // 1. Thin images: pad to a black square, original at the top-left.
+    // 1. Thin images (down to one pixel wide or tall): pad to a black square, original at the
+    // top-left. The square can be far larger than the image, so it is held to the pixel limit too.
     let aspect = w as f64 / h as f64;
     let square_padded = w.min(h) < 32 && !(0.25..=4.0).contains(&aspect);
     let padded;
     let img = if square_padded {
         let side = w.max(h);
+        if side as u64 * side as u64 > cfg.max_pixels {
+            return Err(VisionError::PaddedTooLarge { width: w, height: h, side, max_pixels: cfg.max_pixels });
+        }
         let mut sq = RgbImage::new(side, side);
         image::imageops::replace(&mut sq, img, 0, 0);
         padded = sq;
@@ -431,6 +435,26 @@ mod tests {
         assert_eq!(tokens(728, 728), 171);
     }
 
+    /// One pixel wide or tall: padded to a square when the aspect ratio is beyond 4, otherwise cut
+    /// into 1-pixel windows (the reference's rules; the pixel values are checked against its
+    /// goldens in `preprocess/thin.*`).
+    #[test]
+    fn thin_images_follow_the_reference_rules() {
+        let cfg = PreprocessConfig::default();
+        let run = |w, h| preprocess(&RgbImage::new(w, h), &cfg).unwrap();
+        let one = run(1, 1);
+        assert_eq!((one.num_crops(), one.geometry.square_padded), (0, false));
+        assert_eq!(one.pixel_values.dims(), &[1, 3, 728, 728]);
+        let column = run(1, 4);
+        assert_eq!(column.newline_mask, [true, true, true, false]);
+        assert_eq!(column.geometry.window_size, 1);
+        let long = run(1, 4000);
+        assert!(long.geometry.square_padded);
+        assert_eq!(long.geometry.resized_size, (3024, 3024));
+        assert_eq!(long.num_crops(), 36);
+        assert_eq!(tokens(4000, 1), 36 * 83 + 171 + 5);
+    }
+
     #[test]
     fn window_rule_switch_changes_only_the_boundary() {
         let le = PreprocessConfig::default();
@@ -447,7 +471,12 @@ mod tests {
     #[test]
     fn degenerate_and_corrupt_images_are_errors() {
         let cfg = PreprocessConfig::default();
-        assert!(matches!(preprocess(&RgbImage::new(1, 500), &cfg), Err(VisionError::Degenerate { .. })));
+        assert!(matches!(preprocess(&RgbImage::new(0, 500), &cfg), Err(VisionError::Degenerate { .. })));
+        // A one-pixel-wide image is padded to a square that must fit the pixel limit.
+        let small = PreprocessConfig { max_pixels: 100 * 100, ..Default::default() };
+        assert!(preprocess(&RgbImage::new(1, 100), &small).is_ok());
+        let err = preprocess(&RgbImage::new(1, 101), &small).unwrap_err();
+        assert!(matches!(err, VisionError::PaddedTooLarge { side: 101, .. }), "{err}");
         assert!(decode_image(&[], 1 << 20).unwrap_err().to_string().contains("empty"));
         assert!(decode_image(b"GIF89a garbage", 1 << 20).is_err());
         let mut png = Vec::new();

@@ -2,7 +2,7 @@
 //! downsamples its grid 4× per side and maps it into the language model's width.
 
 use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::{Conv2d, Conv2dConfig, LayerNorm, VarBuilder};
+use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
 // `Conv2d::config()` and `bias()` are used by the CPU half-precision path.
 use step3_nn::{Linear, WeightFormat};
 
@@ -143,10 +143,78 @@ impl SelfAttention {
         let (n, hd) = (self.num_heads, d / self.num_heads);
         let qkv = self.qkv_proj.forward(x)?.reshape((b, t, 3, n, hd))?.permute((2, 0, 3, 1, 4))?; // [3, B, n, T, hd]
         let (q, k, v) = (qkv.get(0)?.contiguous()?, qkv.get(1)?.contiguous()?, qkv.get(2)?.contiguous()?);
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?;
-        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?;
+        let out = flash_attention(&q, &k, &v, 1.0 / (hd as f64).sqrt())?.transpose(1, 2)?.reshape((b, t, d))?;
         self.out_proj.forward(&out)
+    }
+}
+
+/// Keys per block of PyTorch's CPU flash-attention kernel (`kvSplitSize`).
+const FLASH_KV_BLOCK: usize = 512;
+
+/// `softmax(q·kᵀ·scale)·v` as PyTorch's CPU flash-attention kernel computes it, which is what the
+/// reference's `scaled_dot_product_attention` runs for the ViT (equal head counts, no mask):
+/// scores in f32, then per block of 512 keys the running maximum, `exp(s − max)` summed in f32
+/// but rounded to the activation dtype before it multiplies v (f32 accumulation), the previous
+/// blocks rescaled by `exp(old max − new max)`, and the sum divided out at the end, rounded once.
+/// For f32 activations nothing is rounded on the way.
+///
+/// Shapes: `q [B, n, T, d]`, `k`, `v` `[B, n, S, d]` → `[B, n, T, d]` in `q`'s dtype.
+fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    let dtype = q.dtype();
+    let (q, k, v) = (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?, v.to_dtype(DType::F32)?);
+    let s = k.dim(2)?;
+    let mut state: Option<(Tensor, Tensor, Tensor)> = None; // (max, sum, acc)
+    for start in (0..s).step_by(FLASH_KV_BLOCK) {
+        let len = FLASH_KV_BLOCK.min(s - start);
+        let (kb, vb) = (k.narrow(2, start, len)?, v.narrow(2, start, len)?);
+        let scores = (q.matmul(&kb.t()?)? * scale)?;
+        let block_max = scores.max_keepdim(D::Minus1)?;
+        let max = match &state {
+            Some((m, _, _)) => m.maximum(&block_max)?,
+            None => block_max,
+        };
+        let e = scores.broadcast_sub(&max)?.exp()?;
+        let e_sum = e.sum_keepdim(D::Minus1)?;
+        let pv = e.to_dtype(dtype)?.to_dtype(DType::F32)?.matmul(&vb)?;
+        state = Some(match state {
+            None => (max, e_sum, pv),
+            Some((m, sum, acc)) => {
+                let corr = (m - &max)?.exp()?;
+                let sum = (e_sum + corr.mul(&sum)?)?;
+                (max, sum, (acc.broadcast_mul(&corr)? + pv)?)
+            }
+        });
+    }
+    let (_, sum, acc) = state.ok_or_else(|| candle_core::Error::Msg("attention over no keys".into()))?;
+    acc.broadcast_mul(&sum.recip()?)?.to_dtype(dtype)
+}
+
+/// LayerNorm over the last dimension as PyTorch's CPU kernel computes it: mean and variance in
+/// f32, `y = (x·rstd + (−rstd·mean))·γ + β` in f32, rounded to the activation dtype once.
+#[derive(Debug, Clone)]
+struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    fn new(size: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        Ok(Self { weight: vb.get(size, "weight")?, bias: vb.get(size, "bias")?, eps })
+    }
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let x32 = x.to_dtype(DType::F32)?;
+        let n = Tensor::new(x32.dim(D::Minus1)? as f32, x.device())?;
+        let mean = x32.sum_keepdim(D::Minus1)?.broadcast_div(&n)?;
+        let var = x32.broadcast_sub(&mean)?.sqr()?.sum_keepdim(D::Minus1)?.broadcast_div(&n)?;
+        let rstd = (var + self.eps)?.sqrt()?.recip()?;
+        let shift = (rstd.neg()? * &mean)?;
+        let y = x32.broadcast_mul(&rstd)?.broadcast_add(&shift)?;
+        let (w, b) = (self.weight.to_dtype(DType::F32)?, self.bias.to_dtype(DType::F32)?);
+        y.broadcast_mul(&w)?.broadcast_add(&b)?.to_dtype(x.dtype())
     }
 }
 
@@ -160,8 +228,13 @@ struct EncoderLayer {
     layer_norm2: LayerNorm,
 }
 
+/// `x · σ(1.702·x)` with PyTorch's roundings: `1.702·x` and `σ` each computed in f32 and rounded
+/// to the activation dtype, then the product rounded.
 fn quick_gelu(x: &Tensor) -> Result<Tensor> {
-    x * candle_nn::ops::sigmoid(&(x * 1.702)?)?
+    let dtype = x.dtype();
+    let scaled = (x.to_dtype(DType::F32)? * 1.702)?.to_dtype(dtype)?;
+    let gate = candle_nn::ops::sigmoid(&scaled.to_dtype(DType::F32)?)?.to_dtype(dtype)?;
+    x * gate
 }
 
 impl EncoderLayer {
@@ -181,10 +254,10 @@ impl EncoderLayer {
                 out_proj: Linear::new(d, d, true, dense, attn.pp("out_proj"))?,
                 num_heads: cfg.num_attention_heads,
             },
-            layer_norm1: candle_nn::layer_norm(d, cfg.layer_norm_eps, vb.pp("layer_norm1"))?,
+            layer_norm1: LayerNorm::new(d, cfg.layer_norm_eps, vb.pp("layer_norm1"))?,
             fc1: Linear::new(d, i, true, dense, fc1)?,
             fc2: Linear::new(i, d, true, dense, vb.pp("mlp").pp("fc2"))?,
-            layer_norm2: candle_nn::layer_norm(d, cfg.layer_norm_eps, vb.pp("layer_norm2"))?,
+            layer_norm2: LayerNorm::new(d, cfg.layer_norm_eps, vb.pp("layer_norm2"))?,
         })
     }
 
@@ -275,5 +348,74 @@ impl VisionModel {
         let flat = down2.reshape((b, ch, h2 * w2))?.transpose(1, 2)?.contiguous()?;
         let projected = self.projector.forward(&flat)?;
         Ok(VisionOutputs { encoder_out_full, down1, down2, projected })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::Device;
+
+    use super::*;
+
+    fn det(dims: (usize, usize, usize, usize), seed: usize) -> Result<Tensor> {
+        let n = dims.0 * dims.1 * dims.2 * dims.3;
+        let v: Vec<f32> = (0..n).map(|i| ((((i + seed) * 2654435761) % 1000) as f32 / 1000.0 - 0.5) * 4.0).collect();
+        Tensor::from_vec(v, dims, &Device::Cpu)
+    }
+
+    /// Over several key blocks the running-max rescaling gives plain softmax attention (f32).
+    #[test]
+    fn blocked_attention_is_softmax_attention() -> Result<()> {
+        let (q, k, v) = (det((1, 2, 7, 8), 1)?, det((1, 2, 1100, 8), 2)?, det((1, 2, 1100, 8), 3)?);
+        let got = flash_attention(&q, &k, &v, 0.35)?;
+        let probs = candle_nn::ops::softmax_last_dim(&(q.matmul(&k.t()?)? * 0.35)?)?;
+        let want = probs.matmul(&v)?;
+        let diff = (got - want)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        assert!(diff < 1e-5, "{diff}");
+        Ok(())
+    }
+
+    /// bf16: only the unnormalised exponentials and the output are rounded.
+    #[test]
+    fn half_precision_attention_rounds_the_exponentials() -> Result<()> {
+        let bf = |t: Tensor| t.to_dtype(DType::BF16);
+        let (q, k, v) = (bf(det((1, 1, 3, 8), 4)?)?, bf(det((1, 1, 5, 8), 5)?)?, bf(det((1, 1, 5, 8), 6)?)?);
+        let got = flash_attention(&q, &k, &v, 0.5)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let f = |t: &Tensor| t.to_dtype(DType::F32)?.squeeze(0)?.squeeze(0)?.to_vec2::<f32>();
+        let (q, k, v) = (f(&q)?, f(&k)?, f(&v)?);
+        for (i, qi) in q.iter().enumerate() {
+            let s: Vec<f32> = k.iter().map(|kj| qi.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>() * 0.5).collect();
+            let m = s.iter().cloned().fold(f32::MIN, f32::max);
+            let e: Vec<f32> = s.iter().map(|x| (x - m).exp()).collect();
+            let sum: f32 = e.iter().sum();
+            for c in 0..8 {
+                let acc: f32 = e.iter().zip(&v).map(|(e, vj)| half::bf16::from_f32(*e).to_f32() * vj[c]).sum();
+                let want = half::bf16::from_f32(acc * (1.0 / sum)).to_f32();
+                assert!((got[i * 8 + c] - want).abs() <= 1e-2 * want.abs().max(1e-2), "{i},{c}");
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn layer_norm_and_quick_gelu_follow_the_formulas() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = det((1, 1, 3, 16), 7)?.reshape((3, 16))?;
+        let w = Tensor::new(&[1.1f32; 16], &dev)?;
+        let b = Tensor::new(&[0.2f32; 16], &dev)?;
+        let ln = LayerNorm { weight: w, bias: b, eps: 1e-6 };
+        let got = ln.forward(&x)?.to_vec2::<f32>()?;
+        for (row, out) in x.to_vec2::<f32>()?.iter().zip(got) {
+            let mean = row.iter().sum::<f32>() / 16.0;
+            let var = row.iter().map(|v| (v - mean).powi(2)).sum::<f32>() / 16.0;
+            for (v, o) in row.iter().zip(out) {
+                assert!(((v - mean) / (var + 1e-6).sqrt() * 1.1 + 0.2 - o).abs() < 1e-5);
+            }
+        }
+        let g = quick_gelu(&x)?.flatten_all()?.to_vec1::<f32>()?;
+        for (v, o) in x.flatten_all()?.to_vec1::<f32>()?.iter().zip(g) {
+            assert!((v / (1.0 + (-1.702 * v).exp()) - o).abs() < 1e-5);
+        }
+        Ok(())
     }
 }
