@@ -12,6 +12,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use candle_core::Tensor;
+use step3_model::experts::ExpertLoad;
 use step3_model::mfa::PagedSequence;
 use step3_model::tokenizer::THINK;
 use step3_model::{
@@ -200,7 +201,8 @@ impl Engine {
             BlockPool::new(num_blocks, config.prefix_caching),
         );
         let (tx, rx) = std::sync::mpsc::channel();
-        let runner = Runner { shared: shared.clone(), rx, scheduler, cache, active: HashMap::new() };
+        let expert_load = ExpertLoad::for_model(shared.model.text.config());
+        let runner = Runner { shared: shared.clone(), rx, scheduler, cache, active: HashMap::new(), expert_load };
         let thread = std::thread::Builder::new()
             .name("step3-engine".into())
             .spawn(move || runner.run())
@@ -440,6 +442,8 @@ struct Runner {
     scheduler: Scheduler,
     cache: Step3PagedCache,
     active: HashMap<SeqId, Active>,
+    /// Tokens routed to each expert of each MoE layer since the start.
+    expert_load: ExpertLoad,
 }
 
 impl Runner {
@@ -620,7 +624,11 @@ impl Runner {
             .map(|(i, t)| PagedSequence { block_table: t, context_len: i.start, new_tokens: i.len })
             .collect();
         let step = text.paged_step(&seqs, &self.cache)?;
-        let hidden = text.forward_paged(&xs, &step, &mut self.cache, None)?;
+        let mut trace = Vec::new();
+        let hidden = text.forward_paged(&xs, &step, &mut self.cache, Some(&mut trace))?;
+        for r in &trace {
+            self.expert_load.record(r)?;
+        }
 
         let mut rows = Vec::new();
         let mut owners = Vec::new();
@@ -750,6 +758,12 @@ impl Runner {
             m.kv_blocks_used = s.pool().num_blocks() - s.pool().num_free();
             m.prefix_cache_queries_total = queries;
             m.prefix_cache_hits_total = hits;
+            m.expert_load = self
+                .expert_load
+                .layers()
+                .iter()
+                .map(|&l| (l, self.expert_load.counts(l).unwrap_or_default().to_vec()))
+                .collect();
         });
     }
 }

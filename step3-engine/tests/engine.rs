@@ -289,6 +289,11 @@ fn bad_requests_fail_alone_and_the_pool_ends_free() {
     assert_eq!(m.requests_total.get("length"), Some(&4));
     assert_eq!(m.requests_total.get("cancelled"), Some(&2));
     assert!(m.time_to_first_token.count >= 4 && m.inter_token_latency.count >= 4 * 19);
+    // Routing balance: every computed token went to top-k experts of every MoE layer.
+    let cfg = e.model().text.config();
+    assert_eq!(m.expert_load.iter().map(|(l, _)| *l).collect::<Vec<_>>(), cfg.moe_layers_enum);
+    let routed: Vec<u64> = m.expert_load.iter().map(|(_, c)| c.iter().sum()).collect();
+    assert!(routed.iter().all(|&r| r == routed[0] && r > 0 && r % cfg.moe_top_k as u64 == 0), "{routed:?}");
 }
 
 #[test]
