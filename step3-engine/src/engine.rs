@@ -467,6 +467,7 @@ impl Runner {
             }
             self.reap_cancelled();
             if self.scheduler.is_idle() {
+                self.publish();
                 continue;
             }
             let plan = self.scheduler.schedule();

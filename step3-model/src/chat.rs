@@ -320,6 +320,32 @@ mod tests {
     }
 
     #[test]
+    fn native_format_lists_tools_and_writes_earlier_calls_in_steptml() {
+        let t = ChatTemplate::Native { bos: "<s>".into() };
+        let tools = vec![serde_json::json!({"type": "function", "function": {"name": "now"}})];
+        let mut history = conversation();
+        history.insert(
+            3,
+            Message::assistant("")
+                .with_tool_call(ToolCall::from_json("now", &serde_json::json!({"tz": "UTC", "n": 2}))),
+        );
+        let mut result = Message::tool("12:00");
+        result.tool_call_id = Some("call_1".into());
+        history.insert(4, result);
+        let conv = Conversation { messages: history, tools, template_kwargs: Default::default() };
+        let out = t.render_conversation(&conv, true).unwrap();
+        assert!(out.starts_with("<s>You are a helpful assistant.\n\n# Tools"), "{out}");
+        assert!(out.contains("{\"function\":{\"name\":\"now\"},\"type\":\"function\"}"), "{out}");
+        assert!(out.contains(
+            "<|BOT|>assistant\n<｜tool_calls_begin｜><｜tool_call_begin｜>function<｜tool_sep｜><steptml:invoke name=\"now\"><steptml:parameter name=\"n\">2</steptml:parameter><steptml:parameter name=\"tz\">UTC</steptml:parameter></steptml:invoke><｜tool_call_end｜><｜tool_calls_end｜><|EOT|><|BOT|>tool\n12:00<|EOT|>"
+        ), "{out}");
+        // Reasoning switched off closes the think block in the generation prompt.
+        let mut off = Conversation::from(vec![Message::user("hi")]);
+        off.template_kwargs.insert("enable_thinking".into(), false.into());
+        assert!(t.render_conversation(&off, true).unwrap().ends_with("<|BOT|>assistant\n<think>\n</think>\n"));
+    }
+
+    #[test]
     fn jinja_template_renders_the_same_and_supports_python_methods() {
         let jinja = ChatTemplate::Jinja { source: TEMPLATE.into(), bos: "<s>".into(), eos: "</s>".into() };
         let native = ChatTemplate::Native { bos: "<s>".into() };
