@@ -36,6 +36,9 @@ enum BenchKind {
     /// The serving engine under load: concurrent requests, aggregate rates, TTFT and inter-token
     /// latency percentiles, peak KV blocks.
     Engine(crate::bench_engine::EngineBenchArgs),
+    /// Load on a running OpenAI-compatible server: requests/s, output tokens/s, TTFT and
+    /// inter-token latency percentiles per concurrency.
+    Serve(crate::bench_serve::ServeBenchArgs),
 }
 
 /// What every layer benchmark shares.
@@ -129,6 +132,7 @@ pub fn run(a: BenchArgs) -> Result<ExitCode> {
             decode(&c, a.batch, a.context)
         }
         BenchKind::Engine(a) => crate::bench_engine::run(a),
+        BenchKind::Serve(a) => crate::bench_serve::run(a),
         BenchKind::All(common) => {
             let c = Ctx::new(&common)?;
             attention(&c, &[1, 16, 64], &[4096, 8192, 32768])?;

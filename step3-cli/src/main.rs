@@ -10,6 +10,7 @@ use step3_cli::{ModelArgs, SamplingArgs};
 
 mod bench;
 mod bench_engine;
+mod bench_serve;
 mod cost;
 mod experts;
 mod inspect;
