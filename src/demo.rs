@@ -118,6 +118,23 @@ pub fn demo_special_ids() -> Vec<(&'static str, u32)> {
     SPECIAL_TOKENS.iter().map(|t| (*t, id_of(t))).collect()
 }
 
+/// Step3's special tokens at the ids `known` gives (e.g. a checkpoint's `image_token_id`), the
+/// others numbered from `first_free` on: the specials of a byte-level tokenizer for a checkpoint
+/// that fixes some of them.
+pub fn special_ids_with(known: impl Fn(&str) -> Option<u32>, first_free: u32) -> Vec<(&'static str, u32)> {
+    let mut next = first_free;
+    SPECIAL_TOKENS
+        .iter()
+        .map(|t| match known(t) {
+            Some(id) => (*t, id),
+            None => {
+                next += 1;
+                (*t, next - 1)
+            }
+        })
+        .collect()
+}
+
 /// A byte-level BPE `tokenizer.json` (the 256 bytes as ids 0–255) with Step3's special tokens at
 /// the given ids.
 pub fn tokenizer_json(specials: &[(&str, u32)]) -> serde_json::Value {

@@ -11,6 +11,8 @@ pub use candle_core::{DType, Device};
 pub use step3_model::*;
 
 mod api;
+#[cfg(feature = "cli")]
+pub mod cli;
 pub mod demo;
 
 pub use api::{default_dtype, Event, Response, Step3, Step3Builder, Stream};

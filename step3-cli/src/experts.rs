@@ -111,7 +111,7 @@ pub fn run(a: ExpertsArgs) -> Result<ExitCode> {
         let opts = step3::LoadOptions {
             dtype: step3::parse_dtype(&a.dtype)?,
             device: step3::parse_device(&a.device)?,
-            progress: Some(step3_cli::load_progress()),
+            progress: Some(step3::cli::load_progress()),
             ..Default::default()
         };
         let model = ckpt.load_text_model_with(&opts).with_context(|| format!("loading {}", a.model_dir.display()))?;

@@ -5,8 +5,8 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
+use step3::cli::{ModelArgs, SamplingArgs};
 use step3::{DType, ImageSource, Message};
-use step3_cli::{ModelArgs, SamplingArgs};
 
 mod bench;
 mod bench_engine;
@@ -206,7 +206,7 @@ fn generate(a: GenerateArgs) -> Result<ExitCode> {
         _ => println!("{}", reply.tokens.iter().map(u32::to_string).collect::<Vec<_>>().join(",")),
     }
     if print == "stats" {
-        eprintln!("{}", step3_cli::args::describe_stats(&reply.stats));
+        eprintln!("{}", step3::cli::describe_stats(&reply.stats));
     }
     Ok(ExitCode::SUCCESS)
 }

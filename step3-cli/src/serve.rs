@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use step3_cli::args::EngineArgs;
-use step3_cli::ModelArgs;
+use step3::cli::EngineArgs;
+use step3::cli::ModelArgs;
 
 #[derive(Args)]
 pub struct ServeArgs {

@@ -25,17 +25,7 @@ fn fixture_with_tokenizer(name: &str) -> tempfile::TempDir {
     let dir = copy_checkpoint(name);
     let golden = golden_json(name);
     let ids = &golden["special_token_ids"];
-    let mut next = 270u32;
-    let specials: Vec<(&str, u32)> = step3::demo::SPECIAL_TOKENS
-        .iter()
-        .map(|t| match ids.get(*t).and_then(|v| v.as_u64()) {
-            Some(id) => (*t, id as u32),
-            None => {
-                next += 1;
-                (*t, next)
-            }
-        })
-        .collect();
+    let specials = step3::demo::special_ids_with(|t| ids.get(t).and_then(|v| v.as_u64()).map(|v| v as u32), 271);
     step3::demo::write_tokenizer(dir.path(), &specials).unwrap();
     dir
 }

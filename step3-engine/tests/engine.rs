@@ -21,6 +21,16 @@ fn golden() -> serde_json::Value {
     serde_json::from_str(&text).unwrap()
 }
 
+/// The images of the multimodal golden, in prompt order.
+fn mm_images(g: &serde_json::Value) -> Vec<ImageSource> {
+    g["mm"]["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| ImageSource::File(fixtures().join(format!("images/{}.png", n.as_str().unwrap()))))
+        .collect()
+}
+
 fn ids(v: &serde_json::Value) -> Vec<u32> {
     v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
 }
@@ -99,12 +109,7 @@ fn golden_tokens_and_logits_through_the_engine() {
         assert!(err < 1e-4, "{seq}: {err}");
     }
     // The multimodal golden: two images, their layouts in the ids.
-    let images: Vec<ImageSource> = g["mm"]["images"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|n| ImageSource::File(fixtures().join(format!("images/{}.png", n.as_str().unwrap()))))
-        .collect();
+    let images = mm_images(&g);
     let want = ids(&g["mm"]["greedy_tokens"]);
     let req = Request {
         prompt: step3_engine::Prompt::Tokens { ids: ids(&g["mm"]["input_ids"]), images },
@@ -123,12 +128,7 @@ fn mixed_requests() -> Vec<Request> {
         .enumerate()
         .map(|(i, &len)| Request::tokens(prompt(len, i as u32), greedy(6 + i % 4)))
         .collect();
-    let images: Vec<ImageSource> = g["mm"]["images"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|n| ImageSource::File(fixtures().join(format!("images/{}.png", n.as_str().unwrap()))))
-        .collect();
+    let images = mm_images(&g);
     reqs.push(Request {
         prompt: step3_engine::Prompt::Tokens { ids: ids(&g["mm"]["input_ids"]), images },
         options: greedy(5),

@@ -118,20 +118,13 @@ impl Completions {
         let tokenizer = self.state.step3.engine().tokenizer();
         let tools = ToolSet::default();
         let (mut choices, mut completion, mut cached) = (Vec::new(), 0, 0);
-        for (i, mut h) in handles.into_iter().enumerate() {
-            let mut c = Choice::new(i as u32, String::new());
-            while let Some(e) = h.next_event().await {
-                c.push(e, &tools, tokenizer);
-                if c.outcome.is_some() {
-                    break;
-                }
-            }
-            let outcome = c.outcome.clone().ok_or_else(|| ApiError::internal("the engine stopped"))?;
-            if outcome.finish == FinishReason::Error {
-                return Err(ApiError::internal(outcome.error.unwrap_or_else(|| "generation failed".into())));
-            }
+        for (i, h) in handles.into_iter().enumerate() {
+            let (c, outcome) = crate::collect(h, Choice::new(i as u32, String::new()), &tools, tokenizer).await?;
             completion += outcome.stats.generated_tokens;
-            cached += outcome.stats.cached_prompt_tokens;
+            // The n choices of one prompt share it: count its cached part once.
+            if i % self.n.max(1) == 0 {
+                cached += outcome.stats.cached_prompt_tokens;
+            }
             let mut choice = serde_json::json!({
                 "text": c.content,
                 "index": i,
@@ -200,7 +193,9 @@ impl Completions {
                         out.push(this.chunk(c.index, "", Some(o.finish), Value::Null));
                     }
                     completion += o.stats.generated_tokens;
-                    cached += o.stats.cached_prompt_tokens;
+                    if i % this.n.max(1) == 0 {
+                        cached += o.stats.cached_prompt_tokens;
+                    }
                 }
                 for v in out {
                     if tx.send(v).await.is_err() {

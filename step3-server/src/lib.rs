@@ -397,20 +397,12 @@ impl Ctx {
         let tokenizer = self.state.step3.engine().tokenizer();
         let mut choices = Vec::new();
         let (mut completion, mut cached) = (0, 0);
-        for (i, mut h) in handles.into_iter().enumerate() {
-            let mut c = Choice::new(i as u32, format!("{}_{i}", self.id.trim_start_matches("chatcmpl-")));
-            while let Some(e) = h.next_event().await {
-                c.push(e, &self.tools, tokenizer);
-                if c.outcome.is_some() {
-                    break;
-                }
-            }
-            let outcome = c.outcome.clone().ok_or_else(|| ApiError::internal("the engine stopped"))?;
-            if outcome.finish == FinishReason::Error {
-                return Err(ApiError::internal(outcome.error.unwrap_or_else(|| "generation failed".into())));
-            }
+        for (i, h) in handles.into_iter().enumerate() {
+            let c = Choice::new(i as u32, format!("{}_{i}", self.id.trim_start_matches("chatcmpl-")));
+            let (c, outcome) = collect(h, c, &self.tools, tokenizer).await?;
             completion += outcome.stats.generated_tokens;
-            cached = outcome.stats.cached_prompt_tokens;
+            // The choices share one prompt: its cached part counts once.
+            cached = cached.max(outcome.stats.cached_prompt_tokens);
             let mut choice = serde_json::json!({
                 "index": i,
                 "message": c.message(),
@@ -485,7 +477,7 @@ impl Ctx {
                         out.push(self.chunk(c.index, serde_json::json!({}), Some(o.finish), None));
                     }
                     completion += o.stats.generated_tokens;
-                    cached = o.stats.cached_prompt_tokens;
+                    cached = cached.max(o.stats.cached_prompt_tokens);
                 }
                 for v in out {
                     if tx.send(v).await.is_err() {
@@ -503,6 +495,26 @@ impl Ctx {
         });
         sse(rx, keep_alive)
     }
+}
+
+/// Runs one choice to its end (a failed generation is a 500: the input was accepted).
+async fn collect(
+    mut h: RequestHandle,
+    mut c: Choice,
+    tools: &ToolSet,
+    tokenizer: Option<&step3::Step3Tokenizer>,
+) -> Result<(Choice, step3::engine::Outcome), ApiError> {
+    while let Some(e) = h.next_event().await {
+        c.push(e, tools, tokenizer);
+        if c.outcome.is_some() {
+            break;
+        }
+    }
+    let outcome = c.outcome.clone().ok_or_else(|| ApiError::internal("the engine stopped"))?;
+    if outcome.finish == FinishReason::Error {
+        return Err(ApiError::internal(outcome.error.unwrap_or_else(|| "generation failed".into())));
+    }
+    Ok((c, outcome))
 }
 
 /// Server-sent events: every value as `data: <json>`, then `data: [DONE]`, with keep-alive

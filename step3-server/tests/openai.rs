@@ -90,17 +90,7 @@ async fn token_ids_over_http_give_the_golden_tokens() {
     }
     let golden: Value = serde_json::from_str(&std::fs::read_to_string(src.join("golden.json")).unwrap()).unwrap();
     let ids = &golden["special_token_ids"];
-    let mut next = 270u32;
-    let specials: Vec<(&str, u32)> = step3::demo::SPECIAL_TOKENS
-        .iter()
-        .map(|t| match ids.get(*t).and_then(Value::as_u64) {
-            Some(id) => (*t, id as u32),
-            None => {
-                next += 1;
-                (*t, next)
-            }
-        })
-        .collect();
+    let specials = step3::demo::special_ids_with(|t| ids.get(t).and_then(Value::as_u64).map(|v| v as u32), 271);
     step3::demo::write_tokenizer(dir.path(), &specials).unwrap();
     let step3 =
         std::sync::Arc::new(step3::Step3::from_dir(dir.path()).dtype(step3::DType::F32).crop_size(40).build().unwrap());

@@ -16,8 +16,8 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Result};
 use clap::Parser;
+use step3::cli::{ModelArgs, SamplingArgs};
 use step3::{Event, GenerateOptions, Message};
-use step3_cli::{ModelArgs, SamplingArgs};
 
 /// Chat with Step3: multi-turn from stdin, or one answer with --prompt.
 #[derive(Parser)]
@@ -74,7 +74,7 @@ impl Printer {
             Event::Done(stats) => {
                 self.close_reasoning(&mut out);
                 let _ = writeln!(out);
-                eprintln!("[{}]", step3_cli::args::describe_stats(stats));
+                eprintln!("[{}]", step3::cli::describe_stats(stats));
             }
         }
         let _ = out.flush();

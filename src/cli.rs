@@ -1,10 +1,13 @@
-//! Argument groups shared by the `step3` subcommands and the chat example.
+//! Argument groups shared by the `step3` command and the chat example (the `cli` feature): where
+//! the model is and how to run it, how to sample, how the engine batches, and a progress bar for
+//! loading. Library users who do not parse command lines leave the feature off and compile no clap.
 
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use step3::{DType, Device, Fp8Storage, GenerateOptions, LoadOptions, LoadProgress, Step3, Step3Checkpoint};
+
+use crate::{DType, Device, Fp8Storage, GenerateOptions, LoadOptions, LoadProgress, Step3, Step3Checkpoint};
 
 /// Where the model is and how to run it.
 #[derive(Args, Clone, Debug, Default)]
@@ -48,22 +51,22 @@ impl ModelArgs {
         if let Some(dir) = &self.model_dir {
             return Ok(dir.clone());
         }
-        let Some(model) = &self.model else { return Ok(step3::demo::demo_dir()) };
-        let source = step3::ModelSource::parse(model)?;
-        let mut hub = step3::HubOptions::from_env();
+        let Some(model) = &self.model else { return Ok(crate::demo::demo_dir()) };
+        let source = crate::ModelSource::parse(model)?;
+        let mut hub = crate::HubOptions::from_env();
         hub.offline |= self.offline;
-        Ok(step3::hub::resolve(&source, &hub)?)
+        Ok(crate::hub::resolve(&source, &hub)?)
     }
 
     pub fn device(&self) -> Result<Device> {
-        Ok(step3::parse_device(&self.device)?)
+        Ok(crate::parse_device(&self.device)?)
     }
 
     /// The compute dtype: as given, else the fastest exact one for the device.
     pub fn dtype(&self, device: &Device) -> Result<DType> {
         match &self.dtype {
-            Some(d) => step3::parse_dtype(d).context("--dtype"),
-            None => Ok(step3::default_dtype(device)),
+            Some(d) => crate::parse_dtype(d).context("--dtype"),
+            None => Ok(crate::default_dtype(device)),
         }
     }
 
@@ -91,17 +94,17 @@ impl ModelArgs {
 
     /// Loads the whole model with its tokenizer (when it has one) and generation settings.
     pub fn load(&self) -> Result<Step3> {
-        self.load_with(step3::EngineConfig::default())
+        self.load_with(crate::EngineConfig::default())
     }
 
     /// [`Self::load`] with the engine's settings.
-    pub fn load_with(&self, engine: step3::EngineConfig) -> Result<Step3> {
+    pub fn load_with(&self, engine: crate::EngineConfig) -> Result<Step3> {
         if self.is_demo() {
             eprintln!(
                 "Using the bundled demo checkpoint ({}): Step3's architecture at toy size with random \
                  weights, so its answers are noise.\nFor the real model: --model stepfun-ai/step3-fp8 \
                  --device cuda (a build with --features cuda), or --model DIR for a local copy.",
-                step3::demo::demo_dir().display()
+                crate::demo::demo_dir().display()
             );
         }
         // Every loading error names its file, key or tensor already.
@@ -131,11 +134,11 @@ pub struct SamplingArgs {
     #[arg(long, allow_negative_numbers = true, value_parser = positive)]
     pub top_k: Option<usize>,
     /// Seed of the sampler, for reproducible sampling.
-    #[arg(long, default_value_t = step3::generation::DEFAULT_SEED)]
+    #[arg(long, default_value_t = crate::generation::DEFAULT_SEED)]
     pub seed: u64,
     /// Most tokens to generate (at least 1; generation also stops when the context is full).
     #[arg(long, allow_negative_numbers = true, value_parser = positive,
-          default_value_t = step3::generation::DEFAULT_MAX_NEW_TOKENS)]
+          default_value_t = crate::generation::DEFAULT_MAX_NEW_TOKENS)]
     pub max_new_tokens: usize,
     /// Penalise tokens seen in the last 64 tokens; 1.0 = off.
     #[arg(long, allow_negative_numbers = true, default_value_t = 1.0)]
@@ -151,7 +154,7 @@ pub struct SamplingArgs {
 impl SamplingArgs {
     /// Checks the settings before anything is loaded; errors name the flag.
     pub fn validate(&self) -> Result<()> {
-        let params = step3::GenerationConfig::default().sampling(&self.options());
+        let params = crate::GenerationConfig::default().sampling(&self.options());
         params.validate().map_err(|e| anyhow::anyhow!("--{e}"))
     }
 
@@ -188,7 +191,7 @@ pub fn load_progress() -> LoadProgress {
 }
 
 /// One line with a generation's counts, why it ended and its speed.
-pub fn describe_stats(stats: &step3::Stats) -> String {
+pub fn describe_stats(stats: &crate::Stats) -> String {
     format!(
         "prompt {} tokens, generated {} ({}); prefill {:.1} tok/s, decode {:.1} tok/s",
         stats.prompt_tokens,
@@ -226,13 +229,13 @@ pub struct EngineArgs {
 }
 
 impl EngineArgs {
-    pub fn config(&self) -> Result<step3::EngineConfig> {
+    pub fn config(&self) -> Result<crate::EngineConfig> {
         let kv_cache = match self.kv_cache_gb {
-            None => step3::KvCacheSize::Auto,
-            Some(gb) if gb.is_finite() && gb > 0.0 => step3::KvCacheSize::Bytes((gb * 1e9) as u64),
+            None => crate::KvCacheSize::Auto,
+            Some(gb) if gb.is_finite() && gb > 0.0 => crate::KvCacheSize::Bytes((gb * 1e9) as u64),
             Some(gb) => bail!("--kv-cache-gb must be a positive number, got {gb}"),
         };
-        Ok(step3::EngineConfig {
+        Ok(crate::EngineConfig {
             max_num_seqs: self.max_num_seqs,
             max_batched_tokens: self.max_batched_tokens,
             prefill_chunk: self.prefill_chunk,
