@@ -223,6 +223,10 @@ pub struct EngineArgs {
     /// Do not reuse the KV cache of shared prompt prefixes.
     #[arg(long)]
     pub no_prefix_cache: bool,
+    /// Most prompt tokens in a step that also runs decodes (default: the whole step): lower keeps
+    /// running streams fluent while new prompts arrive, at the cost of their time to first token.
+    #[arg(long, value_parser = positive, allow_negative_numbers = true)]
+    pub max_prefill_while_decoding: Option<usize>,
     /// Most requests waiting to start; more are refused as overloaded (HTTP 503).
     #[arg(long, default_value_t = 1024, value_parser = positive, allow_negative_numbers = true)]
     pub max_waiting: usize,
@@ -243,6 +247,7 @@ impl EngineArgs {
             kv_cache,
             prefix_caching: !self.no_prefix_cache,
             max_waiting: self.max_waiting,
+            max_prefill_while_decoding: self.max_prefill_while_decoding,
         })
     }
 }

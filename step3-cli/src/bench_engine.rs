@@ -42,6 +42,9 @@ pub struct EngineBenchArgs {
     /// Most prompt tokens of one request per step.
     #[arg(long, default_value_t = 256)]
     prefill_chunk: usize,
+    /// Most prompt tokens in a step that also runs decodes (default: the whole step).
+    #[arg(long)]
+    max_prefill_while_decoding: Option<usize>,
     /// KV cache size in GB (default: the engine's automatic size).
     #[arg(long)]
     kv_cache_gb: Option<f64>,
@@ -105,6 +108,7 @@ pub fn run(a: EngineBenchArgs) -> Result<ExitCode> {
         prefill_chunk: a.prefill_chunk,
         kv_cache: a.kv_cache_gb.map_or(KvCacheSize::Auto, |gb| KvCacheSize::Bytes((gb * 1e9) as u64)),
         max_waiting: most.max(1024),
+        max_prefill_while_decoding: a.max_prefill_while_decoding,
         ..Default::default()
     };
     let (engine, what) = match &a.model_dir {

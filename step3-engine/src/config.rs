@@ -31,6 +31,10 @@ pub struct EngineConfig {
     pub prefix_caching: bool,
     /// Most requests waiting to start; more are refused as overloaded (default 1024).
     pub max_waiting: usize,
+    /// Most prompt tokens in a step that also runs decodes (default `None`: up to the whole
+    /// `max_batched_tokens`). Lower values bound the inter-token latency of running requests while
+    /// new prompts arrive, at the cost of a slower time to first token for those prompts.
+    pub max_prefill_while_decoding: Option<usize>,
 }
 
 impl Default for EngineConfig {
@@ -43,6 +47,7 @@ impl Default for EngineConfig {
             kv_cache: KvCacheSize::Auto,
             prefix_caching: true,
             max_waiting: 1024,
+            max_prefill_while_decoding: None,
         }
     }
 }
@@ -60,6 +65,9 @@ impl EngineConfig {
             if v == 0 {
                 return Err(format!("{name} must be at least 1"));
             }
+        }
+        if self.max_prefill_while_decoding == Some(0) {
+            return Err("max_prefill_while_decoding must be at least 1".into());
         }
         match self.kv_cache {
             KvCacheSize::Bytes(0) | KvCacheSize::Blocks(0) => Err("the KV cache needs at least one block".into()),

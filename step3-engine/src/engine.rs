@@ -197,6 +197,7 @@ impl Engine {
                 max_batched_tokens: config.max_batched_tokens,
                 prefill_chunk: config.prefill_chunk,
                 block_size: config.block_size,
+                max_prefill_while_decoding: config.max_prefill_while_decoding,
             },
             BlockPool::new(num_blocks, config.prefix_caching),
         );

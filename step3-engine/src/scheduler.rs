@@ -27,6 +27,9 @@ pub struct SchedulerConfig {
     pub max_batched_tokens: usize,
     pub prefill_chunk: usize,
     pub block_size: usize,
+    /// Most prompt tokens in a step that also runs decodes (`None`: the whole token budget), to
+    /// bound the inter-token latency of running sequences while new prompts come in.
+    pub max_prefill_while_decoding: Option<usize>,
 }
 
 /// A sequence as the scheduler sees it.
@@ -268,6 +271,13 @@ impl Scheduler {
             budget -= 1;
         }
 
+        // While sequences decode, prompts get at most their own share of the step.
+        if !plan.items.is_empty() {
+            if let Some(cap) = self.cfg.max_prefill_while_decoding {
+                budget = budget.min(cap);
+            }
+        }
+
         // 2. Prompts being prefilled, a chunk each.
         let prefilling: Vec<SeqId> = self
             .running
@@ -383,8 +393,13 @@ mod tests {
     use super::*;
 
     fn sched(blocks: usize, max_seqs: usize, budget: usize, chunk: usize) -> Scheduler {
-        let cfg =
-            SchedulerConfig { max_num_seqs: max_seqs, max_batched_tokens: budget, prefill_chunk: chunk, block_size: 4 };
+        let cfg = SchedulerConfig {
+            max_num_seqs: max_seqs,
+            max_batched_tokens: budget,
+            prefill_chunk: chunk,
+            block_size: 4,
+            max_prefill_while_decoding: None,
+        };
         Scheduler::new(cfg, BlockPool::new(blocks, true))
     }
 
@@ -477,6 +492,23 @@ mod tests {
         }
         assert!(s2.pool().all_free());
         assert_eq!(s2.prefix_cache_counts(), (30, 8));
+    }
+
+    #[test]
+    fn prompts_get_a_bounded_share_while_others_decode() {
+        let mut s = sched(32, 8, 64, 64);
+        s.cfg.max_prefill_while_decoding = Some(5);
+        s.add(SeqState::new(1, (0..10).collect(), vec![]));
+        assert_eq!(step(&mut s).num_tokens(), 10); // nothing decodes yet: the whole prompt
+        s.add(SeqState::new(2, (100..140).collect(), vec![]));
+        let p = step(&mut s);
+        assert_eq!(
+            p.items,
+            vec![
+                Scheduled { id: 1, start: 10, len: 1, sample: true },
+                Scheduled { id: 2, start: 0, len: 5, sample: false }
+            ]
+        );
     }
 
     #[test]
