@@ -45,12 +45,49 @@ enum Command {
     Preprocess(preprocess::PreprocessArgs),
     /// Dead, starved and vanishing routed experts: weight norms, routing shares and output norms.
     Experts(experts::ExpertsArgs),
-    /// Write the demo checkpoint (Step3's architecture at toy size, random weights) into a directory.
-    Demo {
-        /// Output directory.
-        #[arg(long)]
-        out: PathBuf,
-    },
+    /// Write the demo checkpoint (Step3's architecture at toy size, random weights) into a directory,
+    /// or, with --size 200m, the ~200M-parameter text checkpoint the benchmarks use.
+    Demo(DemoArgs),
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// Output directory.
+    #[arg(long)]
+    out: PathBuf,
+    /// toy: the bundled demo (vision-language, f32, deterministic); 200m: Step3's text model at
+    /// about 200M parameters (hidden 1024, 6 layers, 4 MoE with 16 experts top-3), random weights,
+    /// a 32000-token byte-level tokenizer; servable and loadable like any checkpoint.
+    #[arg(long, default_value = "toy", value_parser = ["toy", "200m"])]
+    size: String,
+    /// Weight dtype of the 200m checkpoint: f32, bf16 or f16.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// Store the 200m checkpoint's projections and experts as block-FP8 (128×128 scales).
+    #[arg(long)]
+    fp8: bool,
+}
+
+fn demo(a: DemoArgs) -> Result<ExitCode> {
+    if a.size == "toy" {
+        if a.fp8 || a.dtype != "f32" {
+            bail!("--dtype and --fp8 apply to --size 200m; the toy demo is f32")
+        }
+        step3::demo::write_demo(&a.out)?;
+    } else {
+        let dtype = step3::parse_dtype(&a.dtype)?;
+        let cfg = synthetic::bench_200m()?;
+        synthetic::write_checkpoint(&a.out, &cfg, dtype, a.fp8)?;
+        let p = step3::param_counts(&cfg);
+        println!(
+            "wrote {} ({:.0}M parameters, {:.1}M active per token, {dtype:?}{})",
+            a.out.display(),
+            p.total as f64 / 1e6,
+            p.active_per_token as f64 / 1e6,
+            if a.fp8 { ", block-FP8 projections" } else { "" }
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// The prompt: text or token ids, and images.
@@ -132,7 +169,7 @@ fn main() -> ExitCode {
         Command::Cost(a) => cost::run(a),
         Command::Preprocess(a) => preprocess::run(a),
         Command::Experts(a) => experts::run(a),
-        Command::Demo { out } => step3::demo::write_demo(&out).map(|_| ExitCode::SUCCESS).map_err(Into::into),
+        Command::Demo(a) => demo(a),
     };
     match result {
         Ok(code) => code,

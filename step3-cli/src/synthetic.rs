@@ -102,3 +102,121 @@ pub fn config(scale: usize, layers: usize, moe: &[usize]) -> anyhow::Result<Text
     });
     Ok(step3::Step3Config::from_json_str(&text.to_string(), format!("--scale {s}"))?.text)
 }
+
+/// The ~200M-parameter Step3 the engine, server and decode benchmarks use: hidden 1024, 6 layers
+/// of which 1–4 are MoE with 16 experts (top-3, 512 wide) plus a 512-wide shared expert, dense
+/// FFN 2816, 8 query heads of 256 on a 512 query rank, vocabulary 32000.
+pub fn bench_200m() -> anyhow::Result<TextConfig> {
+    let text = serde_json::json!({
+        "model_type": "step3_text",
+        "hidden_size": 1024,
+        "intermediate_size": 2816,
+        "num_hidden_layers": 6,
+        "num_attention_heads": 8,
+        "num_attention_groups": 1,
+        "head_dim": 256,
+        "share_q_dim": 512,
+        "vocab_size": 32000,
+        "moe_num_experts": 16,
+        "moe_top_k": 3,
+        "moe_intermediate_size": 512,
+        "share_expert_dim": 512,
+        "norm_expert_weight": false,
+        "moe_layers_enum": "1,2,3,4",
+        "rope_theta": 500000.0,
+        "max_position_embedding": 65536,
+    });
+    Ok(step3::Step3Config::from_json_str(&text.to_string(), "bench-200m")?.text)
+}
+
+/// Writes a servable text-only checkpoint of `cfg` into `dir`: `config.json`, random weights
+/// (`model.safetensors`, in `dtype`; with `fp8`, the projections as block-FP8 with 128×128
+/// scales), a byte-level tokenizer with Step3's special tokens whose vocabulary is padded with
+/// word-like filler tokens up to `cfg.vocab_size` (so every id the model can emit decodes to
+/// text), the demo's chat template and a `generation_config.json`. Random, not zero, weights:
+/// memory traffic and expert routing are then those of a real model of this size.
+pub fn write_checkpoint(dir: &std::path::Path, cfg: &TextConfig, dtype: DType, fp8: bool) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use step3::demo::{demo_special_ids, tokenizer_json, CHAT_TEMPLATE, SPECIAL_TOKENS};
+
+    let specials = demo_special_ids();
+    let first_filler = specials.iter().map(|(_, id)| id + 1).max().unwrap_or(256) as usize;
+    if cfg.vocab_size < first_filler {
+        anyhow::bail!("vocab_size {} is below the tokenizer's {first_filler} byte and special tokens", cfg.vocab_size)
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let write = |name: &str, v: serde_json::Value| -> anyhow::Result<()> {
+        let path = dir.join(name);
+        std::fs::write(&path, serde_json::to_string_pretty(&v)? + "\n")
+            .with_context(|| format!("writing {}", path.display()))
+    };
+    let id = |t: &str| specials.iter().find(|(s, _)| *s == t).map(|(_, id)| *id);
+    let mut tokenizer = tokenizer_json(&specials);
+    if let Some(vocab) = tokenizer.pointer_mut("/model/vocab").and_then(|v| v.as_object_mut()) {
+        // 'Ġ' is the byte-level encoding of a space: fillers decode to " w<id>".
+        for i in first_filler..cfg.vocab_size {
+            vocab.insert(format!("Ġw{i}"), i.into());
+        }
+    }
+    write("tokenizer.json", tokenizer)?;
+    write(
+        "tokenizer_config.json",
+        serde_json::json!({"bos_token": SPECIAL_TOKENS[0], "eos_token": "<|EOT|>", "chat_template": CHAT_TEMPLATE,
+                           "model_max_length": cfg.max_position_embedding}),
+    )?;
+    write("generation_config.json", serde_json::json!({"eos_token_id": id("<|EOT|>")}))?;
+    let mut config = serde_json::json!({
+        "architectures": ["Step3TextForCausalLM"],
+        "model_type": "step3_text",
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_attention_groups": 1,
+        "head_dim": cfg.head_dim,
+        "share_q_dim": cfg.share_q_dim,
+        "vocab_size": cfg.vocab_size,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "moe_num_experts": cfg.moe_num_experts,
+        "moe_top_k": cfg.moe_top_k,
+        "moe_intermediate_size": cfg.moe_intermediate_size,
+        "share_expert_dim": cfg.share_expert_dim,
+        "norm_expert_weight": cfg.norm_expert_weight,
+        "moe_layers_enum": (0..cfg.num_hidden_layers).filter(|&l| cfg.is_moe_layer(l)).map(|l| l.to_string()).collect::<Vec<_>>().join(","),
+        "rope_theta": cfg.rope_theta,
+        "max_position_embedding": cfg.max_position_embedding,
+        "max_seq_len": cfg.max_position_embedding,
+        "bos_token_id": id(SPECIAL_TOKENS[0]),
+        "eos_token_id": id("<|EOT|>"),
+        "torch_dtype": match dtype { DType::BF16 => "bfloat16", DType::F16 => "float16", _ => "float32" },
+    });
+    if fp8 {
+        config["quantization_config"] = serde_json::json!({
+            "activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]
+        });
+    }
+    write("config.json", config)?;
+
+    let synthetic = Synthetic::new(cfg, fp8).random();
+    let dev = Device::Cpu;
+    let mut tensors = HashMap::new();
+    for t in text_tensors(cfg) {
+        if fp8 && t.quantizable {
+            // Values N(0, 1) in e4m3, one scale 1/sqrt(fan-in) per block: the weight's scale.
+            let fan_in = *t.shape.last().unwrap_or(&1) as f64;
+            let values =
+                Tensor::randn(0f32, 1.0, t.shape.as_slice(), &dev)?.clamp(-448f32, 448f32)?.to_dtype(DType::F8E4M3)?;
+            let scale_dims = BlockFp8::scale_dims(&t.shape, [128, 128])
+                .with_context(|| format!("{}: FP8 needs dimensions the 128×128 blocks can cover", t.name))?;
+            let scale = (Tensor::ones(scale_dims, DType::F32, &dev)? * (1.0 / fan_in.sqrt()))?;
+            tensors.insert(format!("{}_scale_inv", t.name), scale);
+            tensors.insert(t.name, values);
+        } else {
+            let v = synthetic.make(&t.name, &t.shape, dtype, &dev)?;
+            tensors.insert(t.name, v);
+        }
+    }
+    let path = dir.join("model.safetensors");
+    candle_core::safetensors::save(&tensors, &path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
