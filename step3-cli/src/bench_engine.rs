@@ -36,18 +36,34 @@ pub struct EngineBenchArgs {
     /// Compute dtype (default: f32 on the CPU, bf16 on CUDA).
     #[arg(long)]
     dtype: Option<String>,
-    /// Tokens per engine step (decodes and prompt chunks together).
-    #[arg(long, default_value_t = 256)]
-    max_batched_tokens: usize,
-    /// Most prompt tokens of one request per step.
-    #[arg(long, default_value_t = 256)]
-    prefill_chunk: usize,
+    /// Tokens per engine step, decodes and prompt chunks together (default: the engine's).
+    #[arg(long)]
+    max_batched_tokens: Option<usize>,
+    /// Most prompt tokens of one request per step (default: the engine's).
+    #[arg(long)]
+    prefill_chunk: Option<usize>,
     /// Most prompt tokens in a step that also runs decodes (default: the whole step).
     #[arg(long)]
     max_prefill_while_decoding: Option<usize>,
     /// KV cache size in GB (default: the engine's automatic size).
     #[arg(long)]
     kv_cache_gb: Option<f64>,
+    /// Also list every request of each run (prompt and generated tokens, finish reason, TTFT,
+    /// inter-token latency, decode rate).
+    #[arg(long)]
+    per_request: bool,
+}
+
+/// Weight elements a decode step of `c` sequences streams: everything but the embedding, with
+/// each MoE layer's routed experts counted at the number a step is expected to touch when each
+/// token picks top-k of E uniformly, E·(1 − (1 − k/E)^c). Decode on a CPU is weight streaming, so
+/// `c · weights(1) / weights(c)` is how far batching can raise the aggregate decode rate over one
+/// sequence (the ceiling column; attention over the cache adds to both sides and is ignored).
+fn streamed_weights(cfg: &step3::TextConfig, c: usize) -> f64 {
+    let p = step3::param_counts(cfg);
+    let (e, k) = (cfg.moe_num_experts as f64, cfg.moe_top_k as f64);
+    let touched = e * (1.0 - (1.0 - k / e).powi(c as i32));
+    (p.total - p.embedding - p.routed_experts) as f64 + p.routed_experts as f64 * touched / e
 }
 
 fn percentile(sorted: &[f64], q: f64) -> f64 {
@@ -78,10 +94,11 @@ pub fn run(a: EngineBenchArgs) -> Result<ExitCode> {
     };
     let levels = crate::bench::list(&a.concurrency)?;
     let most = levels.iter().copied().max().unwrap_or(1);
+    let defaults = EngineConfig::default();
     let config = EngineConfig {
         max_num_seqs: most,
-        max_batched_tokens: a.max_batched_tokens,
-        prefill_chunk: a.prefill_chunk,
+        max_batched_tokens: a.max_batched_tokens.unwrap_or(defaults.max_batched_tokens),
+        prefill_chunk: a.prefill_chunk.unwrap_or(defaults.prefill_chunk),
         kv_cache: a.kv_cache_gb.map_or(KvCacheSize::Auto, |gb| KvCacheSize::Bytes((gb * 1e9) as u64)),
         max_waiting: most.max(1024),
         max_prefill_while_decoding: a.max_prefill_while_decoding,
@@ -115,7 +132,8 @@ pub fn run(a: EngineBenchArgs) -> Result<ExitCode> {
             (Engine::new(model, None, GenerationConfig::default(), config)?, what)
         }
     };
-    let vocab = engine.model().text.config().vocab_size as u32;
+    let text_cfg = engine.model().text.config().clone();
+    let vocab = text_cfg.vocab_size as u32;
     println!(
         "engine bench: {what}, {dtype:?} on {}, prompt {} + {} generated tokens per request; {} KV blocks of {}, \
          {} tokens per step, prefill chunk {}, {} threads",
@@ -124,8 +142,8 @@ pub fn run(a: EngineBenchArgs) -> Result<ExitCode> {
         a.gen_len,
         engine.kv_blocks(),
         engine.config().block_size,
-        a.max_batched_tokens,
-        a.prefill_chunk,
+        engine.config().max_batched_tokens,
+        engine.config().prefill_chunk,
         std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "?".into()),
     );
     // Warm-up: one short request.
@@ -135,13 +153,21 @@ pub fn run(a: EngineBenchArgs) -> Result<ExitCode> {
     let mut runs = Vec::new();
     let mut salt = 0u32;
     for &c in &levels {
-        runs.push(run_level(&engine, c, a.prompt_len, a.gen_len, vocab, &mut salt)?);
+        runs.push(run_level(&engine, c, a.prompt_len, a.gen_len, vocab, &mut salt, a.per_request)?);
     }
-    print_table(&runs);
+    print_table(&runs, &text_cfg);
     Ok(ExitCode::SUCCESS)
 }
 
-fn run_level(engine: &Engine, c: usize, prompt_len: usize, gen_len: usize, vocab: u32, salt: &mut u32) -> Result<Run> {
+fn run_level(
+    engine: &Engine,
+    c: usize,
+    prompt_len: usize,
+    gen_len: usize,
+    vocab: u32,
+    salt: &mut u32,
+    per_request: bool,
+) -> Result<Run> {
     let opts =
         GenerateOptions { temperature: Some(0.0), max_new_tokens: gen_len, ignore_eos: true, ..Default::default() };
     // Distinct prompts, so the prefix cache does not help.
@@ -190,18 +216,38 @@ fn run_level(engine: &Engine, c: usize, prompt_len: usize, gen_len: usize, vocab
         itl.extend(s.token_latencies.iter().map(Duration::as_secs_f64));
         decode_rate += s.decode_tokens_per_sec();
     }
+    if per_request {
+        println!("\nconcurrency {c}, {:.2} s wall:", wall.as_secs_f64());
+        println!("| request | prompt tokens | generated | finish | TTFT ms | ITL mean / max ms | decode tok/s |");
+        println!("|---|---|---|---|---|---|---|");
+        for (i, c) in completions.iter().enumerate() {
+            let s = &c.outcome.stats;
+            let lat: Vec<f64> = s.token_latencies.iter().map(|d| d.as_secs_f64() * 1e3).collect();
+            let mean = lat.iter().sum::<f64>() / lat.len().max(1) as f64;
+            println!(
+                "| {i} | {} | {} | {:?} | {:.0} | {:.1} / {:.1} | {:.1} |",
+                s.prompt_tokens,
+                s.generated_tokens,
+                c.outcome.finish,
+                s.time_to_first_token.as_secs_f64() * 1e3,
+                mean,
+                lat.iter().copied().fold(0.0, f64::max),
+                s.decode_tokens_per_sec()
+            );
+        }
+    }
     ttft.sort_by(f64::total_cmp);
     itl.sort_by(f64::total_cmp);
     Ok(Run { concurrency: c, wall, generated, decode_rate, ttft, itl, peak_blocks: peak.load(Ordering::Relaxed) })
 }
 
-fn print_table(runs: &[Run]) {
+fn print_table(runs: &[Run], cfg: &step3::TextConfig) {
     let base = runs.iter().find(|r| r.concurrency == 1);
     let ms = |s: f64| s * 1e3;
     println!(
-        "\n| concurrency | output tok/s | decode tok/s (aggregate) | × single | TTFT p50 / p99 ms | ITL p50 / p99 ms | ITL p99 × single | peak KV blocks |"
+        "\n| concurrency | output tok/s | decode tok/s (aggregate) | × single | weight-streaming ceiling × | TTFT p50 / p99 ms | ITL p50 / p99 ms | ITL p99 × single | peak KV blocks |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
     for r in runs {
         let output = r.generated as f64 / r.wall.as_secs_f64();
         let itl99 = percentile(&r.itl, 0.99);
@@ -212,11 +258,12 @@ fn print_table(runs: &[Run]) {
             None => ("-".into(), "-".into()),
         };
         println!(
-            "| {} | {:.1} | {:.1} | {} | {:.0} / {:.0} | {:.1} / {:.1} | {} | {} |",
+            "| {} | {:.1} | {:.1} | {} | {:.2}× | {:.0} / {:.0} | {:.1} / {:.1} | {} | {} |",
             r.concurrency,
             output,
             r.decode_rate,
             x_rate,
+            r.concurrency as f64 * streamed_weights(cfg, 1) / streamed_weights(cfg, r.concurrency),
             ms(percentile(&r.ttft, 0.5)),
             ms(percentile(&r.ttft, 0.99)),
             ms(percentile(&r.itl, 0.5)),
