@@ -141,9 +141,7 @@ impl Communicator for ThreadComm {
     fn all_gather(&self, t: &Tensor, dim: usize) -> Result<Tensor> {
         let dev = t.device().clone();
         self.exchange(Some(t), |slots| {
-            let parts = (0..slots.len())
-                .map(|r| self.slot(slots, r)?.to_device(&dev))
-                .collect::<Result<Vec<_>>>()?;
+            let parts = (0..slots.len()).map(|r| self.slot(slots, r)?.to_device(&dev)).collect::<Result<Vec<_>>>()?;
             Tensor::cat(&parts, dim)
         })
     }
