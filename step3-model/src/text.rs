@@ -29,7 +29,7 @@ enum FeedForward {
     /// Dense SwiGLU (`mlp.*`): layers 0–3 and 60 of Step3.
     Dense(SwiGluMlp),
     /// Routed experts plus the shared expert (`moe.*`, `share_expert.*`).
-    Moe(MoeBlock),
+    Moe(Box<MoeBlock>),
 }
 
 /// One pre-norm decoder layer: `h = x + Attn(norm(x))`, `out = h + FFN(norm(h))`.
@@ -64,7 +64,12 @@ impl DecoderLayer {
                 },
                 shared_expert_dim: plan.holds_shared_expert().then_some(cfg.share_expert_dim / tp),
             };
-            FeedForward::Moe(MoeBlock::new_shard(&moe_config(cfg, format), &shard, vb.clone(), experts_vb.pp("moe"))?)
+            FeedForward::Moe(Box::new(MoeBlock::new_shard(
+                &moe_config(cfg, format),
+                &shard,
+                vb.clone(),
+                experts_vb.pp("moe"),
+            )?))
         } else {
             FeedForward::Dense(SwiGluMlp::new(cfg.hidden_size, cfg.intermediate_size / tp, format, vb.pp("mlp"))?)
         };
