@@ -28,8 +28,9 @@ use serde::Serialize;
 use step3_engine::{self as engine, Engine, EngineConfig, EngineError, Prompt, Request, RequestHandle};
 use step3_model::hub::{self, HubOptions, ModelSource};
 use step3_model::{
-    Error, FinishReason, Fp8Storage, GenerateOptions, GenerationConfig, ImageSource, LoadOptions, LoadProgress,
-    Message, PreprocessedImage, Result, Sampled, SamplingParams, Stats, Step3Model, Step3Tokenizer, ToolCall,
+    Error, ExpertPlacement, FinishReason, Fp8Storage, GenerateOptions, GenerationConfig, ImageSource, Layout,
+    LoadOptions, LoadProgress, Message, PreprocessedImage, Result, Sampled, SamplingParams, Stats, Step3Model,
+    Step3Tokenizer, ToolCall,
 };
 
 use crate::{DType, Device};
@@ -45,6 +46,8 @@ pub struct Step3Builder {
     hub: HubOptions,
     progress: Option<LoadProgress>,
     engine: EngineConfig,
+    layout: Layout,
+    experts: ExpertPlacement,
 }
 
 /// What a builder loads: a string to parse (repo id or path) or a directory.
@@ -99,6 +102,21 @@ impl Step3Builder {
         self
     }
 
+    /// Split the decoder over `layout.tp × layout.ep` ranks (tensor × expert parallelism), one
+    /// thread each, on `layout.devices` (CUDA ordinals) or all on the CPU. See
+    /// `docs/multi-device.md`; a layout that cannot split the checkpoint fails before loading.
+    pub fn layout(mut self, layout: Layout) -> Self {
+        self.layout = layout;
+        self
+    }
+
+    /// Where the routed experts live: with their rank (default), or in host memory computed on
+    /// the CPU ([`ExpertPlacement::Host`], or the first K MoE layers only).
+    pub fn experts(mut self, placement: ExpertPlacement) -> Self {
+        self.experts = placement;
+        self
+    }
+
     /// How the engine batches requests and sizes its KV cache (see [`EngineConfig`]).
     pub fn engine(mut self, config: EngineConfig) -> Self {
         self.engine = config;
@@ -119,6 +137,8 @@ impl Step3Builder {
             fp8: self.fp8,
             crop_size: self.crop_size,
             progress: self.progress,
+            layout: self.layout,
+            experts: self.experts,
         };
         Step3::load_dir(&dir, &opts, self.engine)
     }
@@ -190,6 +210,8 @@ impl Step3 {
             hub: HubOptions::from_env(),
             progress: None,
             engine: EngineConfig::default(),
+            layout: Layout::single(),
+            experts: ExpertPlacement::Device,
         }
     }
 

@@ -37,6 +37,24 @@ pub struct ModelArgs {
     /// preprocessor_config.json, else 504).
     #[arg(long)]
     pub crop_size: Option<usize>,
+    /// Tensor parallelism: split attention heads and every MLP's columns over N ranks (one
+    /// thread each; on CUDA one GPU each). N must divide the 64 heads and the MLP widths.
+    #[arg(long, default_value_t = 1, value_parser = positive, allow_negative_numbers = true)]
+    pub tp: usize,
+    /// Expert parallelism: split the routed experts over M groups of `--tp` ranks (M divides 48).
+    #[arg(long, default_value_t = 1, value_parser = positive, allow_negative_numbers = true)]
+    pub ep: usize,
+    /// CUDA ordinals of the ranks, comma-separated (default: 0..tp·ep).
+    #[arg(long, value_delimiter = ',')]
+    pub devices: Option<Vec<usize>>,
+    /// Where the routed experts of every MoE layer live: `device` (with their rank) or `cpu`
+    /// (host memory, in the checkpoint's dtype, computed on the CPU; only the routed tokens'
+    /// hidden states cross).
+    #[arg(long, default_value = "device", conflicts_with = "n_cpu_moe")]
+    pub moe_device: String,
+    /// Keep the routed experts of the first K MoE layers in host memory (see --moe-device).
+    #[arg(long)]
+    pub n_cpu_moe: Option<usize>,
 }
 
 impl ModelArgs {
@@ -70,6 +88,21 @@ impl ModelArgs {
         }
     }
 
+    /// The rank layout of `--tp`, `--ep` and `--devices` (checked against the model at load).
+    pub fn layout(&self) -> Result<crate::Layout> {
+        Ok(crate::Layout::new(self.tp, self.ep, self.devices.clone())?)
+    }
+
+    /// Where the routed experts live (`--moe-device`, `--n-cpu-moe`).
+    pub fn expert_placement(&self) -> Result<crate::ExpertPlacement> {
+        Ok(match (self.moe_device.as_str(), self.n_cpu_moe) {
+            (_, Some(k)) => crate::ExpertPlacement::HostFirst(k),
+            ("device" | "gpu" | "cuda", None) => crate::ExpertPlacement::Device,
+            ("cpu" | "host", None) => crate::ExpertPlacement::Host,
+            (other, None) => bail!("--moe-device must be `device` or `cpu`, not `{other}`"),
+        })
+    }
+
     /// Load options with a progress bar on stderr.
     pub fn load_options(&self) -> Result<LoadOptions> {
         let fp8 = match self.fp8.as_str() {
@@ -84,6 +117,8 @@ impl ModelArgs {
             fp8,
             crop_size: self.crop_size,
             progress: Some(load_progress()),
+            layout: self.layout()?,
+            experts: self.expert_placement()?,
         })
     }
 

@@ -26,6 +26,25 @@ pub struct InspectArgs {
     /// The device the estimate is for: cpu or cuda (only its default dtype matters here).
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Plan a tensor-parallel deployment over N ranks: memory per device (see docs/multi-device.md).
+    #[arg(long, default_value_t = 1)]
+    tp: usize,
+    /// Plan an expert-parallel deployment over M groups of --tp ranks.
+    #[arg(long, default_value_t = 1)]
+    ep: usize,
+    /// Plan with the routed experts in host memory: `cpu` (all MoE layers) or `device`.
+    #[arg(long, default_value = "device", conflicts_with = "n_cpu_moe")]
+    moe_device: String,
+    /// Plan with the routed experts of the first K MoE layers in host memory.
+    #[arg(long)]
+    n_cpu_moe: Option<usize>,
+    /// Memory of each device in GiB: prints what is left for the KV cache and how many tokens fit.
+    #[arg(long)]
+    device_memory_gib: Option<f64>,
+    /// Plan for the block-FP8 version of this config (128×128 blocks) even when it has no
+    /// quantization_config (e.g. the bf16 config of stepfun-ai/step3 standing for step3-fp8).
+    #[arg(long)]
+    fp8: bool,
 }
 
 /// `1,2,3,7,8` → `1-3, 7-8`.
@@ -105,6 +124,13 @@ pub fn run(a: InspectArgs) -> Result<ExitCode> {
         .as_ref()
         .map(|c| (c.resident_bytes(dtype, Fp8Storage::Compact), c.resident_bytes(dtype, Fp8Storage::Dequantized)));
 
+    let wants_plan =
+        a.tp * a.ep > 1 || a.moe_device != "device" || a.n_cpu_moe.is_some() || a.device_memory_gib.is_some() || a.fp8;
+    let device_plan = if wants_plan {
+        Some(plan(&a, t, config.quantization.as_ref().map(|q| q.weight_block_size), dtype)?)
+    } else {
+        None
+    };
     if a.json {
         let mut out = json!({
             "config": config.path,
@@ -131,6 +157,9 @@ pub fn run(a: InspectArgs) -> Result<ExitCode> {
                 "fp8_tensors": fp8,
                 "resident_bytes": resident.map(|(c, d)| json!({ "dtype": format!("{dtype:?}"), "fp8_compact": c, "fp8_dequantized": d })),
             });
+        }
+        if let Some((value, _, _)) = &device_plan {
+            out["device_plan"] = value.clone();
         }
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
@@ -216,6 +245,95 @@ pub fn run(a: InspectArgs) -> Result<ExitCode> {
                 println!("                {} other tensor(s) this build does not use", r.unexpected.len());
             }
         }
+        for line in device_plan.iter().flat_map(|p| &p.1) {
+            println!("{line}");
+        }
     }
-    Ok(if report.is_some_and(|r| !r.is_ok()) { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+    let plan_ok = device_plan.as_ref().is_none_or(|p| p.2);
+    Ok(if report.is_some_and(|r| !r.is_ok()) || !plan_ok { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+}
+
+/// The per-device memory of the layout the flags describe: a JSON value, the text lines, and
+/// whether the layout can run.
+fn plan(
+    a: &InspectArgs,
+    t: &TextConfig,
+    block: Option<[usize; 2]>,
+    dtype: step3::DType,
+) -> Result<(serde_json::Value, Vec<String>, bool)> {
+    let layout = step3::Layout::new(a.tp, a.ep, None)?;
+    let placement = match (a.moe_device.as_str(), a.n_cpu_moe) {
+        (_, Some(k)) => step3::ExpertPlacement::HostFirst(k),
+        ("device" | "gpu" | "cuda", None) => step3::ExpertPlacement::Device,
+        ("cpu" | "host", None) => step3::ExpertPlacement::Host,
+        (other, None) => bail!("--moe-device must be `device` or `cpu`, not `{other}`"),
+    };
+    let block = block.or(a.fp8.then_some([128, 128]));
+    let what = match block {
+        Some(b) => format!("block-FP8 ({}x{}) linear weights, other weights in {dtype:?}", b[0], b[1]),
+        None => format!("{dtype:?} weights"),
+    };
+    if let Err(e) = step3::check_layout(t, &layout, block) {
+        let line = format!("layout          tp {} x ep {}: cannot run: {e}", a.tp, a.ep);
+        return Ok((json!({ "tp": a.tp, "ep": a.ep, "error": e.to_string() }), vec![line], false));
+    }
+    let plan = step3::shard::memory_plan(t, &layout, placement, dtype.size_in_bytes(), block);
+    let budget = a.device_memory_gib.map(|g| (g * (1u64 << 30) as f64) as u64);
+    let ranks: Vec<_> = plan
+        .iter()
+        .map(|m| {
+            let free = budget.map(|b| b.saturating_sub(m.device_weights));
+            json!({
+                "device_weights": m.device_weights,
+                "host_weights": m.host_weights,
+                "kv_bytes_per_token": m.kv_bytes_per_token,
+                "free_for_kv": free,
+                "kv_tokens": free.map(|f| f / m.kv_bytes_per_token.max(1)),
+            })
+        })
+        .collect();
+    let value = json!({ "tp": a.tp, "ep": a.ep, "weights": what, "ranks": ranks });
+    let mut lines = vec![format!(
+        "layout          tp {} x ep {} = {} device(s); {what}; routed experts {}",
+        a.tp,
+        a.ep,
+        layout.world(),
+        match placement {
+            step3::ExpertPlacement::Device => "on the devices".to_string(),
+            step3::ExpertPlacement::Host => "in host memory (all MoE layers)".to_string(),
+            step3::ExpertPlacement::HostFirst(k) => format!("of the first {k} MoE layers in host memory"),
+        }
+    )];
+    // Runs of ranks that hold the same, one line each.
+    let mut r = 0;
+    while r < plan.len() {
+        let m = plan[r];
+        let end = (r..plan.len()).take_while(|&q| plan[q] == m).last().unwrap_or(r);
+        let label = if end > r { format!("ranks {r}-{end}") } else { format!("rank {r}") };
+        let mut line = format!(
+            "  {label:<13} weights {} on the device, KV cache {} per token",
+            bytes(m.device_weights),
+            bytes(m.kv_bytes_per_token)
+        );
+        match budget {
+            Some(b) if b >= m.device_weights => {
+                let free = b - m.device_weights;
+                line += &format!(
+                    "; of {}: {} free for KV = {} tokens",
+                    bytes(b),
+                    bytes(free),
+                    human(free / m.kv_bytes_per_token.max(1))
+                );
+            }
+            Some(b) => line += &format!("; does not fit in {}", bytes(b)),
+            None => {}
+        }
+        lines.push(line);
+        r = end + 1;
+    }
+    let host: u64 = plan.iter().map(|m| m.host_weights).sum();
+    if host > 0 {
+        lines.push(format!("  host memory   {} of routed experts (all ranks)", bytes(host)));
+    }
+    Ok((value, lines, true))
 }

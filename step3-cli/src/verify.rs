@@ -499,7 +499,8 @@ pub fn verify_fixtures(dir: &Path, dtype: DType, device: &Device) -> Result<Vec<
         let goldens = Goldens::load(&path)?;
         let ckpt = Step3Checkpoint::open(&path)?;
         let crop_size = goldens.json.get("crop_size").and_then(Value::as_u64).map(|c| c as usize);
-        let opts = LoadOptions { dtype, device: device.clone(), fp8: Fp8Storage::Compact, crop_size, progress: None };
+        let opts =
+            LoadOptions { dtype, device: device.clone(), fp8: Fp8Storage::Compact, crop_size, ..Default::default() };
         let model = ckpt.load(&opts).with_context(|| format!("loading {}", path.display()))?;
         for (prefix, judge) in text_prefixes(folder, dtype) {
             checks.extend(check_text(&model.text, &goldens, prefix, judge)?);
@@ -539,6 +540,50 @@ pub fn verify_fixtures(dir: &Path, dtype: DType, device: &Device) -> Result<Vec<
     }
     if !found {
         bail!("{} holds none of the fixture folders (preprocess/, {TEXT_FOLDERS:?})", dir.display());
+    }
+    Ok(checks)
+}
+
+/// The text goldens of every checkpoint folder again, with the decoder split over `layout` and
+/// the routed experts placed per `experts` (names tagged `@tp{N}ep{M}` / `+host-experts`).
+/// Folders whose sizes the layout cannot split (e.g. FP8 blocks a TP split would cut) are
+/// reported as an informative check that says so.
+pub fn verify_sharded(
+    dir: &Path,
+    dtype: DType,
+    device: &Device,
+    layout: &step3::Layout,
+    experts: step3::ExpertPlacement,
+) -> Result<Vec<GoldenCheck>> {
+    let mut tag = format!("@tp{}ep{}", layout.tp, layout.ep);
+    if experts != step3::ExpertPlacement::Device {
+        tag += "+host-experts";
+    }
+    let mut checks = Vec::new();
+    for folder in TEXT_FOLDERS {
+        let path = dir.join(folder);
+        if !path.is_dir() {
+            continue;
+        }
+        let ckpt = Step3Checkpoint::open(&path)?;
+        if let Err(e) = ckpt.check_layout(layout) {
+            checks.push(GoldenCheck {
+                name: format!("{folder}/layout{tag}: {e}"),
+                measure: Measure::Same { equal: false },
+                gating: false,
+            });
+            continue;
+        }
+        let goldens = Goldens::load(&path)?;
+        let opts = LoadOptions { dtype, device: device.clone(), layout: layout.clone(), experts, ..Default::default() };
+        let model =
+            ckpt.load_text_model_with(&opts).with_context(|| format!("loading {} split {tag}", path.display()))?;
+        for (prefix, judge) in text_prefixes(folder, dtype) {
+            for mut c in check_text(&model, &goldens, prefix, judge)? {
+                c.name += &tag;
+                checks.push(c);
+            }
+        }
     }
     Ok(checks)
 }

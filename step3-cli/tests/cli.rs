@@ -246,3 +246,55 @@ fn inspect_assumes_the_dtype_the_device_runs() {
     let out = step3(&["inspect", "--model-dir", &demo, "--device", "cuda"]);
     assert!(stdout(&out).contains("language-model weights in BF16"), "{}", stdout(&out));
 }
+
+#[test]
+fn generate_and_logits_split_over_ranks_give_the_same_answer() {
+    // Greedy ids through the engine with TP 2 × EP 2 and host experts: the unsharded answer.
+    let out = greedy_ids(&dir("vl-f32"), SEQ0, &["--tp", "2", "--ep", "2", "--n-cpu-moe", "1"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "62,254,177,158,44,184,243,245\n");
+    // Logits with TP 4 against the golden.
+    let out_dir = tempfile::tempdir().unwrap();
+    let out_file = out_dir.path().join("logits.safetensors");
+    let path = out_file.to_str().unwrap();
+    let out = step3(&["logits", "--model-dir", &dir("vl-f32"), "--ids", SEQ0, "--out", path, "--tp", "4"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let golden = read_tensors(&fixtures().join("vl-f32/golden.safetensors"));
+    let err =
+        step3_cli::verify::relative_error(&read_tensors(&out_file)["logits"], &golden["text.seq0.prefill_logits"])
+            .unwrap();
+    assert!(err < 1e-5, "{err}");
+    // Layouts that cannot run fail before loading, naming the constraint.
+    let out = greedy_ids(&dir("vl-f32"), SEQ0, &["--tp", "3"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("num_attention_heads = 4 is not divisible by tp 3"), "{}", stderr(&out));
+    let out = greedy_ids(&dir("vl-f32"), SEQ0, &["--moe-device", "disk"]);
+    assert!(stderr(&out).contains("--moe-device must be"), "{}", stderr(&out));
+}
+
+#[test]
+fn inspect_plans_memory_per_device() {
+    let config = format!("{}/../configs/step3/config.json", env!("CARGO_MANIFEST_DIR"));
+    let plan = |args: &[&str]| {
+        let mut all = vec!["inspect", "--config", &config, "--device", "cuda"];
+        all.extend_from_slice(args);
+        step3(&all)
+    };
+    // FP8 on 8 GPUs, TP 8: about 41 GiB on rank 0 (embedding and lm_head), 37.6 GiB elsewhere.
+    let out = plan(&["--tp", "8", "--fp8", "--device-memory-gib", "96"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.contains("tp 8 x ep 1 = 8 device(s)"), "{text}");
+    assert!(text.contains("rank 0        weights 41.00 GiB"), "{text}");
+    assert!(text.contains("ranks 1-7     weights 37.56 GiB"), "{text}");
+    // One GPU with every routed expert in host memory.
+    let out = plan(&["--moe-device", "cpu", "--fp8", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let rank = &v["device_plan"]["ranks"][0];
+    assert!(rank["device_weights"].as_u64().unwrap() < 25 << 30, "{rank}");
+    assert!(rank["host_weights"].as_u64().unwrap() > 250 << 30, "{rank}");
+    // A split that cuts FP8 blocks is refused, naming the tensor.
+    let out = plan(&["--tp", "16", "--fp8"]);
+    assert!(!out.status.success());
+    assert!(stdout(&out).contains("model.layers.4.share_expert.gate_proj.weight"), "{}", stdout(&out));
+}

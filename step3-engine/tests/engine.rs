@@ -37,9 +37,14 @@ fn ids(v: &serde_json::Value) -> Vec<u32> {
 
 /// An engine over the f32 tiny checkpoint (no tokenizer: token ids in, token ids out).
 fn engine(config: EngineConfig) -> Engine {
+    engine_with(config, LoadOptions::default())
+}
+
+/// [`engine`] with the layout and expert placement of `opts`.
+fn engine_with(config: EngineConfig, opts: LoadOptions) -> Engine {
     let dir = fixtures().join("vl-f32");
     let ckpt = Step3Checkpoint::open(&dir).unwrap();
-    let opts = LoadOptions { dtype: DType::F32, device: Device::Cpu, crop_size: Some(40), ..Default::default() };
+    let opts = LoadOptions { dtype: DType::F32, device: Device::Cpu, crop_size: Some(40), ..opts };
     let model = ckpt.load(&opts).unwrap();
     let generation = GenerationConfig::load(&dir, ckpt.config(), None).unwrap();
     Engine::new(model, None, generation, config).unwrap()
@@ -239,6 +244,25 @@ fn batched_paged_preempted_cached_and_chunked_runs_equal_the_single_runs() {
             assert!(m.prefix_cache_hits_total >= 32);
         }
     }
+}
+
+/// The engine schedules once and every rank runs the same step: a tensor × expert parallel model
+/// (2 × 2 ranks on threads, routed experts of the first MoE layer in host memory) gives the
+/// tokens and log-probabilities of the unsharded model, for a staggered batch of mixed requests
+/// (a multimodal one, a prefix-cache hit, a seeded sampler) with chunked prefill.
+#[test]
+fn a_sharded_model_through_the_engine_equals_the_unsharded_one() {
+    let reqs = mixed_requests();
+    let cfg = || EngineConfig { prefill_chunk: 7, block_size: 4, ..Default::default() };
+    let whole = engine(cfg());
+    let want = run_staggered(&whole, &reqs);
+    drop(whole);
+    let layout = step3_model::Layout::new(2, 2, None).unwrap();
+    let opts = LoadOptions { layout, experts: step3_model::ExpertPlacement::HostFirst(1), ..Default::default() };
+    let sharded = engine_with(cfg(), opts);
+    let got = run_staggered(&sharded, &reqs);
+    assert_same(&want, &got, "tp 2 × ep 2");
+    wait_idle(&sharded);
 }
 
 #[test]

@@ -131,6 +131,33 @@ pub enum PagedError {
 }
 
 impl PagedStep {
+    /// The same step with every tensor on `device` (for a rank of a sharded model on another
+    /// device); a clone when already there.
+    pub fn to_device(&self, device: &candle_core::Device) -> candle_core::Result<Self> {
+        if self.cos.device().same_device(device) {
+            return Ok(self.clone());
+        }
+        let groups = self
+            .groups
+            .iter()
+            .map(|g| {
+                Ok(AttentionGroup {
+                    gather: g.gather.to_device(device)?,
+                    mask: g.mask.as_ref().map(|m| m.to_device(device)).transpose()?,
+                    ..g.clone()
+                })
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Self {
+            num_tokens: self.num_tokens,
+            positions: self.positions.to_device(device)?,
+            cos: self.cos.to_device(device)?,
+            sin: self.sin.to_device(device)?,
+            write_index: self.write_index.to_device(device)?,
+            groups,
+        })
+    }
+
     /// Builds the step for `seqs` over a pool of `num_blocks` blocks of `block_size` slots.
     /// `max_positions` is the model's context (`max_position_embedding`).
     #[allow(clippy::too_many_arguments)]

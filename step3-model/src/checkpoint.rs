@@ -197,6 +197,60 @@ impl Checkpoint {
         self.copy_out(info, index * len, len, stored, &info.shape[1..], device)
     }
 
+    /// The region `region[d] = (start, len)` of every dimension `d` of tensor `name`, in the
+    /// stored dtype on `device`: only the region's bytes are copied out of the mapping (one run
+    /// per row of the last split dimension), so a rank reads only its slice of a sharded weight.
+    pub fn load_region(&self, name: &str, region: &[(usize, usize)], device: &Device) -> Result<Tensor> {
+        let (info, stored) = self.entry(name)?;
+        let shape = &info.shape;
+        let out_of_bounds = region.len() != shape.len()
+            || region.iter().zip(shape).any(|(&(start, len), &size)| len == 0 || start + len > size);
+        if out_of_bounds {
+            return Err(Error::TensorShape {
+                name: name.to_string(),
+                file: self.file_of(info).to_path_buf(),
+                expected: region.iter().map(|&(start, len)| start + len).collect(),
+                found: shape.clone(),
+            });
+        }
+        let dims: Vec<usize> = region.iter().map(|r| r.1).collect();
+        if dims == *shape {
+            return self.copy_out(info, 0, info.nbytes(), stored, shape, device);
+        }
+        // Bytes of one step along each dimension, and the innermost dimensions copied whole.
+        let elem = stored.size_in_bytes();
+        let mut strides = vec![elem; shape.len()];
+        for d in (0..shape.len().saturating_sub(1)).rev() {
+            strides[d] = strides[d + 1] * shape[d + 1];
+        }
+        let last_split = (0..shape.len()).rev().find(|&d| region[d].1 != shape[d]).unwrap_or(0);
+        let run = region[last_split].1 * strides[last_split];
+        let shard = &self.shards[info.file];
+        let base = shard.data_start + info.range.0;
+        let mut bytes = Vec::with_capacity(dims.iter().product::<usize>() * elem);
+        // Odometer over the dimensions before `last_split`.
+        let mut index: Vec<usize> = region[..last_split].iter().map(|r| r.0).collect();
+        loop {
+            let offset: usize = index.iter().zip(&strides).map(|(i, s)| i * s).sum::<usize>()
+                + region[last_split].0 * strides[last_split];
+            bytes.extend_from_slice(&shard.mmap[base + offset..base + offset + run]);
+            let mut d = last_split;
+            loop {
+                if d == 0 {
+                    let tensor = Tensor::from_raw_buffer(&bytes, stored, &dims, device)?;
+                    shard.release(base, info.nbytes());
+                    return Ok(tensor);
+                }
+                d -= 1;
+                index[d] += 1;
+                if index[d] < region[d].0 + region[d].1 {
+                    break;
+                }
+                index[d] = region[d].0;
+            }
+        }
+    }
+
     /// The header entry of `name` and its stored dtype.
     fn entry(&self, name: &str) -> Result<(&TensorInfo, DType)> {
         let info =
@@ -303,15 +357,45 @@ impl std::fmt::Debug for LoadProgress {
 }
 
 /// Lets candle's [`candle_nn::VarBuilder`] read from a [`Checkpoint`], reporting progress.
+/// With a rank plan, every tensor is read as that rank's slice (see [`crate::shard`]).
 pub(crate) struct CheckpointBackend<'a> {
     pub ckpt: &'a Checkpoint,
     pub progress: Option<(LoadProgress, usize)>,
-    pub loaded: std::sync::atomic::AtomicUsize,
+    /// Tensors loaded so far (shared by the builders of every rank).
+    pub loaded: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// The rank's plan and the FP8 scale block of the checkpoint.
+    pub plan: Option<(crate::shard::RankPlan, Option<[usize; 2]>)>,
 }
 
 impl<'a> CheckpointBackend<'a> {
     pub fn new(ckpt: &'a Checkpoint, progress: Option<(LoadProgress, usize)>) -> Self {
-        Self { ckpt, progress, loaded: std::sync::atomic::AtomicUsize::new(0) }
+        Self { ckpt, progress, loaded: Default::default(), plan: None }
+    }
+
+    /// Reads `name` (this rank's slice of it under a plan), checking the shape when given.
+    fn read(&self, name: &str, shape: Option<&Shape>, dtype: DType, dev: &Device) -> Result<Tensor> {
+        let Some((plan, block)) = &self.plan else { return self.ckpt.load(name, shape, dtype, dev) };
+        let info = self.ckpt.info(name).ok_or_else(|| Error::MissingTensor { name: name.to_string(), within: None })?;
+        let weight = name.strip_suffix("_scale_inv").or_else(|| name.strip_suffix("_scale")).unwrap_or(name);
+        let scale_of = match (weight != name, block, self.ckpt.info(weight)) {
+            (true, Some(block), Some(w)) => Some((w.shape.as_slice(), *block)),
+            _ => None,
+        };
+        let Some(region) = plan.region(name, &info.shape, scale_of).map_err(|e| Error::Input(e.to_string()))? else {
+            return self.ckpt.load(name, shape, dtype, dev);
+        };
+        let t = self.ckpt.load_region(name, &region, dev)?;
+        if let Some(shape) = shape {
+            if shape.dims() != t.dims() {
+                return Err(Error::TensorShape {
+                    name: format!("{name} (the slice of rank tp {} / ep {})", plan.tp_rank, plan.ep_rank),
+                    file: self.ckpt.file_of(info).to_path_buf(),
+                    expected: shape.dims().to_vec(),
+                    found: t.dims().to_vec(),
+                });
+            }
+        }
+        Ok(if t.dtype() == dtype { t } else { t.to_dtype(dtype)? })
     }
 
     fn tick(&self) {
@@ -324,13 +408,13 @@ impl<'a> CheckpointBackend<'a> {
 
 impl candle_nn::var_builder::SimpleBackend for CheckpointBackend<'_> {
     fn get(&self, s: Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        let t = self.ckpt.load(name, Some(&s), dtype, dev).map_err(candle_core::Error::wrap)?;
+        let t = self.read(name, Some(&s), dtype, dev).map_err(candle_core::Error::wrap)?;
         self.tick();
         Ok(t)
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        let t = self.ckpt.load(name, None, dtype, dev).map_err(candle_core::Error::wrap)?;
+        let t = self.read(name, None, dtype, dev).map_err(candle_core::Error::wrap)?;
         if !name.ends_with("_scale_inv") && !name.ends_with("_scale") {
             self.tick();
         }

@@ -60,6 +60,9 @@ pub enum Error {
     /// Invalid input from the caller (token ids, sampling settings, shapes).
     #[error("{0}")]
     Input(String),
+    /// A device layout (tensor / expert parallelism, expert placement) that cannot run.
+    #[error(transparent)]
+    Layout(#[from] step3_dist::LayoutError),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }

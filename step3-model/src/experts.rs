@@ -345,7 +345,10 @@ pub fn routing_stats(
             for (x, sum) in norm_sums[i].iter_mut().enumerate() {
                 *sum += row_norms(&block.experts().expert_forward(x, z)?)?;
             }
-            shared_sums[i] += row_norms(&candle_core::Module::forward(block.shared_expert(), z)?)?;
+            let shared = block
+                .shared_expert()
+                .ok_or_else(|| Error::Input(format!("layer {layer}: the shared expert is on another rank")))?;
+            shared_sums[i] += row_norms(&candle_core::Module::forward(shared, z)?)?;
             Ok(())
         })?;
         progress(n + 1, prompts.len());

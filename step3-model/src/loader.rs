@@ -10,7 +10,8 @@ use step3_config::read_json;
 use crate::checkpoint::{self, Checkpoint, LoadProgress};
 use crate::inventory::{self, ExpectedTensor, InventoryReport};
 use crate::multimodal::Step3Model;
-use crate::text::Step3TextModel;
+use crate::shard::{check_layout, ExpertPlacement, Layout, RankPlan};
+use crate::text::{RankBuilder, Step3TextModel};
 use crate::{Error, Result, Step3Config};
 use step3_nn::{Weight, WeightFormat};
 use step3_vision::{PreprocessConfig, VisionConfig, VisionModel};
@@ -40,6 +41,11 @@ pub struct LoadOptions {
     pub crop_size: Option<usize>,
     /// Told `(tensors loaded, total)` while the weights load.
     pub progress: Option<LoadProgress>,
+    /// Tensor × expert parallelism: the decoder split over `tp × ep` ranks, one thread each, on
+    /// `layout.devices` (CUDA) or all on the CPU. [`Layout::single`] by default.
+    pub layout: Layout,
+    /// Where the routed experts live: with their rank (default) or in host memory.
+    pub experts: ExpertPlacement,
 }
 
 impl LoadOptions {
@@ -54,11 +60,53 @@ impl LoadOptions {
     pub fn with_fp8(self, fp8: Fp8Storage) -> Self {
         Self { fp8, ..self }
     }
+
+    pub fn with_layout(self, layout: Layout) -> Self {
+        Self { layout, ..self }
+    }
+
+    pub fn with_experts(self, experts: ExpertPlacement) -> Self {
+        Self { experts, ..self }
+    }
+}
+
+/// The communicators of every rank: NCCL between CUDA devices in a build with the `nccl`
+/// feature, otherwise the thread backend (shared memory; between GPUs it copies through the host).
+fn rank_comms(layout: &Layout, devices: &[Device]) -> Result<Vec<step3_dist::RankComms>> {
+    #[cfg(feature = "nccl")]
+    if devices.first().is_some_and(Device::is_cuda) && !layout.is_single() {
+        return Ok(step3_dist::nccl::rank_comms(layout, devices)?);
+    }
+    let _ = devices;
+    Ok(step3_dist::RankComms::threads(layout))
+}
+
+/// The device of rank `rank`: `main` for a single rank; otherwise the CPU, or CUDA device
+/// `layout.devices[rank]` when `main` is a CUDA device.
+fn rank_device(main: &Device, layout: &Layout, rank: usize) -> Result<Device> {
+    if layout.is_single() {
+        return Ok(main.clone());
+    }
+    match main {
+        Device::Cpu => Ok(Device::Cpu),
+        Device::Cuda(_) => Ok(Device::new_cuda(layout.devices[rank])?),
+        Device::Metal(_) => {
+            Err(Error::Input("tensor/expert parallelism runs on CUDA devices or the CPU, not Metal".into()))
+        }
+    }
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { dtype: DType::BF16, device: Device::Cpu, fp8: Fp8Storage::Compact, crop_size: None, progress: None }
+        Self {
+            dtype: DType::BF16,
+            device: Device::Cpu,
+            fp8: Fp8Storage::Compact,
+            crop_size: None,
+            progress: None,
+            layout: Layout::single(),
+            experts: ExpertPlacement::Device,
+        }
     }
 }
 
@@ -206,8 +254,8 @@ impl Step3Checkpoint {
             return Err(Error::UnsupportedDtype(opts.dtype));
         }
         let preprocess = self.preprocess_config(opts.crop_size)?;
-        let vb = self.loading_var_builder(self.check_all(), opts)?;
-        let text = Step3TextModel::new(&self.config.text, self.weight_format(opts.fp8), vb.clone())?;
+        self.check_layout(&opts.layout)?;
+        let (vb, text) = self.build_text(self.check_all(), opts)?;
         let vision = match self.vision_config() {
             Some(cfg) => Some(VisionModel::new(cfg, Some(preprocess.crop_size), vb)?),
             None => None,
@@ -247,17 +295,63 @@ impl Step3Checkpoint {
         if !matches!(opts.dtype, DType::F32 | DType::BF16 | DType::F16) {
             return Err(Error::UnsupportedDtype(opts.dtype));
         }
-        let vb = self.loading_var_builder(self.check(), opts)?;
-        Ok(Step3TextModel::new(&self.config.text, self.weight_format(opts.fp8), vb)?)
+        self.check_layout(&opts.layout)?;
+        Ok(self.build_text(self.check(), opts)?.1)
     }
 
-    /// Fails with every problem of `report`; otherwise a builder over the weights in `opts.dtype`
-    /// on `opts.device` that reports `opts.progress` against the tensors `report` checked.
-    fn loading_var_builder(&self, report: InventoryReport, opts: &LoadOptions) -> Result<candle_nn::VarBuilder<'_>> {
-        let total = report.checked;
+    /// Checks that `layout` can split this checkpoint (heads, widths, experts, FP8 blocks),
+    /// before anything is loaded.
+    pub fn check_layout(&self, layout: &Layout) -> Result<()> {
+        let block = self.config.quantization.as_ref().map(|q| q.weight_block_size);
+        Ok(check_layout(&self.config.text, layout, block)?)
+    }
+
+    /// Fails with every problem of `report`; otherwise builds the language model as `opts` says
+    /// (sharded over `opts.layout`, experts placed per `opts.experts`) and returns it with a
+    /// builder over the whole weights on the first rank's device (for the vision tower), both
+    /// reporting `opts.progress` against the tensors `report` checked (once per rank).
+    fn build_text(
+        &self,
+        report: InventoryReport,
+        opts: &LoadOptions,
+    ) -> Result<(candle_nn::VarBuilder<'_>, Step3TextModel)> {
+        let layout = &opts.layout;
+        let total = report.checked * layout.world();
         report.into_result()?;
-        let backend = checkpoint::CheckpointBackend::new(&self.weights, opts.progress.clone().map(|p| (p, total)));
-        Ok(candle_nn::VarBuilder::from_backend(Box::new(backend), opts.dtype, opts.device.clone()))
+        let format = self.weight_format(opts.fp8);
+        let block = self.config.quantization.as_ref().map(|q| q.weight_block_size);
+        let loaded = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let builder = |plan: Option<RankPlan>, device: &Device| {
+            let mut backend =
+                checkpoint::CheckpointBackend::new(&self.weights, opts.progress.clone().map(|p| (p, total)));
+            backend.loaded = loaded.clone();
+            backend.plan = plan.map(|p| (p, block));
+            candle_nn::VarBuilder::from_backend(Box::new(backend), opts.dtype, device.clone())
+        };
+        let devices = (0..layout.world()).map(|r| rank_device(&opts.device, layout, r)).collect::<Result<Vec<_>>>()?;
+        let main = builder(None, &devices[0]);
+        if layout.is_single() && opts.experts == ExpertPlacement::Device {
+            let text = Step3TextModel::new(&self.config.text, format, main.clone())?;
+            return Ok((main, text));
+        }
+        let comms = rank_comms(layout, &devices)?;
+        let ranks = comms
+            .into_iter()
+            .zip(&devices)
+            .enumerate()
+            .map(|(r, (comms, device))| {
+                let plan = RankPlan::new(layout, r);
+                RankBuilder {
+                    plan,
+                    comms,
+                    vb: builder(Some(plan), device),
+                    host_vb: builder(Some(plan), &Device::Cpu),
+                    placement: opts.experts,
+                }
+            })
+            .collect();
+        let text = Step3TextModel::new_ranks(&self.config.text, format, main.clone(), ranks)?;
+        Ok((main, text))
     }
 
     /// One weight of the checkpoint as a dense tensor in `dtype` (FP8 weights dequantised with

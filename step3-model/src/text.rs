@@ -3,14 +3,25 @@
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Embedding, VarBuilder};
+use step3_dist::{Communicator, RankComms};
 use step3_mfa::{
     KvCache, MfaAttention, MfaConfig, PagedKvCache, PagedSequence, PagedStep, RotaryEmbedding, SequenceTable,
 };
-use step3_moe::{MoeBlock, MoeConfig, Routing, SwiGluMlp};
+use step3_moe::{ExpertSlice, MoeBlock, MoeConfig, MoeShard, Routing, SwiGluMlp};
 use step3_nn::{Linear, RmsNorm, WeightFormat};
 
+use crate::shard::{ExpertPlacement, RankPlan};
 use crate::{Error, Result};
 use step3_config::TextConfig;
+
+/// The sum of every rank's partial `t` over `group` (nothing to do for a group of one).
+fn reduce(group: &dyn Communicator, t: Tensor) -> candle_core::Result<Tensor> {
+    if group.world_size() == 1 {
+        Ok(t)
+    } else {
+        group.all_reduce_sum(&t)
+    }
+}
 
 /// The feed-forward half of a decoder layer.
 #[derive(Debug, Clone)]
@@ -18,7 +29,7 @@ enum FeedForward {
     /// Dense SwiGLU (`mlp.*`): layers 0–3 and 60 of Step3.
     Dense(SwiGluMlp),
     /// Routed experts plus the shared expert (`moe.*`, `share_expert.*`).
-    Moe(MoeBlock),
+    Moe(Box<MoeBlock>),
 }
 
 /// One pre-norm decoder layer: `h = x + Attn(norm(x))`, `out = h + FFN(norm(h))`.
@@ -31,16 +42,41 @@ struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    fn new(cfg: &TextConfig, layer: usize, format: WeightFormat, vb: VarBuilder) -> candle_core::Result<Self> {
+    /// Layer `layer` as rank `plan` holds it: `vb` hands out the rank's slices on its device,
+    /// `experts_vb` the slices of its routed experts (on the host or the same device).
+    fn new(
+        cfg: &TextConfig,
+        layer: usize,
+        format: WeightFormat,
+        plan: &RankPlan,
+        vb: VarBuilder,
+        experts_vb: VarBuilder,
+    ) -> candle_core::Result<Self> {
         let eps = cfg.rms_norm_eps;
+        let tp = plan.tp;
         let ffn = if cfg.is_moe_layer(layer) {
-            FeedForward::Moe(MoeBlock::new(&moe_config(cfg, format), vb.clone())?)
+            let per_rank = cfg.moe_num_experts / plan.ep;
+            let shard = MoeShard {
+                experts: ExpertSlice {
+                    first_expert: plan.ep_rank * per_rank,
+                    num_experts: per_rank,
+                    intermediate_size: cfg.moe_intermediate_size / tp,
+                },
+                shared_expert_dim: plan.holds_shared_expert().then_some(cfg.share_expert_dim / tp),
+            };
+            FeedForward::Moe(Box::new(MoeBlock::new_shard(
+                &moe_config(cfg, format),
+                &shard,
+                vb.clone(),
+                experts_vb.pp("moe"),
+            )?))
         } else {
-            FeedForward::Dense(SwiGluMlp::new(cfg.hidden_size, cfg.intermediate_size, format, vb.pp("mlp"))?)
+            FeedForward::Dense(SwiGluMlp::new(cfg.hidden_size, cfg.intermediate_size / tp, format, vb.pp("mlp"))?)
         };
+        let attn = MfaConfig { num_heads: cfg.num_attention_heads / tp, ..mfa_config(cfg, format) };
         Ok(Self {
             input_layernorm: RmsNorm::new(cfg.hidden_size, eps, vb.pp("input_layernorm"))?,
-            self_attn: MfaAttention::new(&mfa_config(cfg, format), vb.pp("self_attn"))?,
+            self_attn: MfaAttention::new(&attn, vb.pp("self_attn"))?,
             post_attention_layernorm: RmsNorm::new(cfg.hidden_size, eps, vb.pp("post_attention_layernorm"))?,
             ffn,
         })
@@ -59,15 +95,18 @@ impl DecoderLayer {
 
     /// `xs: [B, T, H]` over a contiguous cache. Returns the layer's output and, for an MoE layer,
     /// the normalised hidden states its router and experts read together with the routing chosen.
+    /// On a sharded model the attention's and the FFN's partial outputs are summed over `comms`.
     fn forward(
         &self,
         xs: &Tensor,
         rope: &RotaryEmbedding,
         step: &step3_mfa::AttentionStep,
         cache: &mut KvCache,
+        comms: &RankComms,
     ) -> candle_core::Result<(Tensor, Option<(Tensor, Routing)>)> {
-        let h = (xs + self.self_attn.forward(&self.input_layernorm.forward(xs)?, rope, step, cache)?)?;
-        self.feed_forward(&h)
+        let attn = self.self_attn.forward(&self.input_layernorm.forward(xs)?, rope, step, cache)?;
+        let h = (xs + reduce(comms.tp.as_ref(), attn)?)?;
+        self.feed_forward(&h, comms)
     }
 
     /// [`Self::forward`] for `xs: [N, H]` (the step's tokens, flattened) over a paged cache.
@@ -77,21 +116,26 @@ impl DecoderLayer {
         rope: &RotaryEmbedding,
         step: &PagedStep,
         cache: &PagedKvCache,
+        comms: &RankComms,
     ) -> candle_core::Result<(Tensor, Option<(Tensor, Routing)>)> {
-        let h = (xs + self.self_attn.forward_paged(&self.input_layernorm.forward(xs)?, rope, step, cache)?)?;
-        self.feed_forward(&h)
+        let attn = self.self_attn.forward_paged(&self.input_layernorm.forward(xs)?, rope, step, cache)?;
+        let h = (xs + reduce(comms.tp.as_ref(), attn)?)?;
+        self.feed_forward(&h, comms)
     }
 
     /// The second half of the layer: `h + FFN(norm(h))`, for `h` of any rank with the hidden size
-    /// last; for an MoE layer also its input `[N, H]` and routing.
-    fn feed_forward(&self, h: &Tensor) -> candle_core::Result<(Tensor, Option<(Tensor, Routing)>)> {
+    /// last; for an MoE layer also its input `[N, H]` and routing. A dense FFN's partial output is
+    /// summed over the TP group; an MoE block's (routed experts of this rank plus, on EP index 0,
+    /// the shared expert's columns) over the whole world.
+    fn feed_forward(&self, h: &Tensor, comms: &RankComms) -> candle_core::Result<(Tensor, Option<(Tensor, Routing)>)> {
         let z = self.post_attention_layernorm.forward(h)?;
         let (ffn, moe) = match &self.ffn {
-            FeedForward::Dense(mlp) => (mlp.forward(&z)?, None),
+            FeedForward::Dense(mlp) => (reduce(comms.tp.as_ref(), mlp.forward(&z)?)?, None),
             FeedForward::Moe(moe) => {
                 let hidden = z.dim(candle_core::D::Minus1)?;
                 let flat = z.reshape(((), hidden))?;
                 let (out, routing) = moe.forward(&flat)?;
+                let out = reduce(comms.world.as_ref(), out)?;
                 (out.reshape(z.shape())?, Some((flat, routing)))
             }
         };
@@ -136,7 +180,8 @@ pub struct LayerRouting {
 #[derive(Debug, Clone)]
 pub struct Step3Cache {
     table: SequenceTable,
-    layers: Vec<KvCache>,
+    /// Every rank's caches (each rank keeps its own copy of the single K/V head).
+    ranks: Vec<Vec<KvCache>>,
 }
 
 impl Step3Cache {
@@ -154,15 +199,16 @@ impl Step3Cache {
         self.table.capacity()
     }
 
-    /// Bytes of K/V storage allocated so far, over all layers.
+    /// Bytes of K/V storage allocated so far, over all layers (of one rank: every rank of a
+    /// sharded model holds the same amount).
     pub fn allocated_bytes(&self) -> usize {
-        self.layers.iter().map(KvCache::allocated_bytes).sum()
+        self.ranks.first().map_or(0, |layers| layers.iter().map(KvCache::allocated_bytes).sum())
     }
 
     /// Forgets every sequence (keeps the allocation).
     pub fn reset(&mut self) {
         self.table.reset();
-        self.layers.iter_mut().for_each(KvCache::reset);
+        self.ranks.iter_mut().flatten().for_each(KvCache::reset);
     }
 }
 
@@ -170,35 +216,65 @@ impl Step3Cache {
 /// is the caller's (the engine's) bookkeeping.
 #[derive(Debug, Clone)]
 pub struct Step3PagedCache {
-    layers: Vec<PagedKvCache>,
+    /// Every rank's pools, on its device; all ranks use the same block tables.
+    ranks: Vec<Vec<PagedKvCache>>,
 }
 
 impl Step3PagedCache {
+    fn layers(&self) -> &[PagedKvCache] {
+        self.ranks.first().map_or(&[], Vec::as_slice)
+    }
+
     pub fn num_blocks(&self) -> usize {
-        self.layers.first().map_or(0, PagedKvCache::num_blocks)
+        self.layers().first().map_or(0, PagedKvCache::num_blocks)
     }
 
     pub fn block_size(&self) -> usize {
-        self.layers.first().map_or(0, PagedKvCache::block_size)
+        self.layers().first().map_or(0, PagedKvCache::block_size)
     }
 
-    /// Bytes of K/V storage over all layers.
+    /// Bytes of K/V storage over all layers (of one rank: every rank of a sharded model holds
+    /// the same pools on its own device).
     pub fn allocated_bytes(&self) -> usize {
-        self.layers.iter().map(PagedKvCache::allocated_bytes).sum()
+        self.layers().iter().map(PagedKvCache::allocated_bytes).sum()
     }
 
-    /// One layer's pool.
+    /// One layer's pool (of the first rank).
     pub fn layer(&self, i: usize) -> Option<&PagedKvCache> {
-        self.layers.get(i)
+        self.layers().get(i)
     }
 }
+
+/// One rank's decoder: its slices of every layer, on its device, with its communicators.
+#[derive(Debug, Clone)]
+struct RankDecoder {
+    layers: Vec<DecoderLayer>,
+    rope: RotaryEmbedding,
+    device: Device,
+    comms: RankComms,
+}
+
+/// What one rank of a model is built from (see [`Step3TextModel::new_ranks`]).
+pub(crate) struct RankBuilder<'a> {
+    pub plan: RankPlan,
+    pub comms: RankComms,
+    /// Hands out the rank's slices on its device.
+    pub vb: VarBuilder<'a>,
+    /// Hands out the rank's slices in host memory (for routed experts placed there).
+    pub host_vb: VarBuilder<'a>,
+    pub placement: ExpertPlacement,
+}
+
+/// Called by the first rank with every MoE layer's index, input and routing.
+type Observer<'o> = &'o mut dyn FnMut(usize, &Tensor, &Routing) -> Result<()>;
 
 /// The Step3 language model. Weight names are the checkpoint's: `model.embed_tokens`,
 /// `model.layers.{i}.*`, `model.norm`, `lm_head`.
 #[derive(Debug, Clone)]
 pub struct Step3TextModel {
     embed_tokens: Embedding,
-    layers: Vec<DecoderLayer>,
+    /// One decoder per rank (one for an unsharded model); the first on `device`.
+    ranks: Vec<RankDecoder>,
     norm: RmsNorm,
     lm_head: Linear,
     rope: RotaryEmbedding,
@@ -211,14 +287,50 @@ impl Step3TextModel {
     /// Builds the model from `vb` positioned at the checkpoint root; weights are loaded in
     /// `vb.dtype()` on `vb.device()`, linear weights stored as `format` says.
     pub fn new(cfg: &TextConfig, format: WeightFormat, vb: VarBuilder) -> candle_core::Result<Self> {
+        let rank = RankBuilder {
+            plan: RankPlan::single(),
+            comms: RankComms::single(),
+            vb: vb.clone(),
+            host_vb: vb.clone(),
+            placement: ExpertPlacement::Device,
+        };
+        Self::new_ranks(cfg, format, vb, vec![rank])
+    }
+
+    /// Builds a model whose decoder is split over `ranks` (rank 0 first): the embedding, final
+    /// norm and `lm_head` from `vb` (the first rank's device), each rank's layers from its builders.
+    pub(crate) fn new_ranks(
+        cfg: &TextConfig,
+        format: WeightFormat,
+        vb: VarBuilder,
+        ranks: Vec<RankBuilder>,
+    ) -> candle_core::Result<Self> {
         let m = vb.pp("model");
         let embed = m.pp("embed_tokens").get((cfg.vocab_size, cfg.hidden_size), "weight")?;
-        let layers = (0..cfg.num_hidden_layers)
-            .map(|l| DecoderLayer::new(cfg, l, format, m.pp(format!("layers.{l}"))))
+        let ranks = ranks
+            .into_iter()
+            .map(|r| {
+                let mut moe_index = 0;
+                let layers = (0..cfg.num_hidden_layers)
+                    .map(|l| {
+                        let path = format!("model.layers.{l}");
+                        let on_host = cfg.is_moe_layer(l) && r.placement.on_host(moe_index);
+                        moe_index += usize::from(cfg.is_moe_layer(l));
+                        let experts = if on_host { r.host_vb.pp(&path) } else { r.vb.pp(&path) };
+                        DecoderLayer::new(cfg, l, format, &r.plan, r.vb.pp(&path), experts)
+                    })
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                Ok(RankDecoder {
+                    layers,
+                    rope: RotaryEmbedding::new(cfg.rope_theta, cfg.head_dim, r.vb.device())?,
+                    device: r.vb.device().clone(),
+                    comms: r.comms,
+                })
+            })
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Self {
             embed_tokens: Embedding::new(embed, cfg.hidden_size),
-            layers,
+            ranks,
             norm: RmsNorm::new(cfg.hidden_size, cfg.rms_norm_eps, m.pp("norm"))?,
             lm_head: Linear::new(cfg.hidden_size, cfg.vocab_size, false, WeightFormat::Dense, vb.pp("lm_head"))?,
             rope: RotaryEmbedding::new(cfg.rope_theta, cfg.head_dim, vb.device())?,
@@ -241,20 +353,111 @@ impl Step3TextModel {
         &self.device
     }
 
-    /// Bytes of all weights held in memory (FP8 weights count their compact size).
+    /// Bytes of all weights held in memory over every rank (FP8 weights count their compact size).
     pub fn storage_bytes(&self) -> usize {
-        step3_nn::tensor_bytes(self.embed_tokens.embeddings())
-            + self.layers.iter().map(DecoderLayer::storage_bytes).sum::<usize>()
+        self.rank_storage_bytes().iter().sum()
+    }
+
+    /// Bytes of weights each rank holds (the first rank's include the embedding, final norm and
+    /// `lm_head`; routed experts placed in host memory count with their rank).
+    pub fn rank_storage_bytes(&self) -> Vec<usize> {
+        let shared = step3_nn::tensor_bytes(self.embed_tokens.embeddings())
             + self.norm.storage_bytes()
-            + self.lm_head.storage_bytes()
+            + self.lm_head.storage_bytes();
+        self.ranks
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                r.layers.iter().map(DecoderLayer::storage_bytes).sum::<usize>() + if i == 0 { shared } else { 0 }
+            })
+            .collect()
+    }
+
+    /// Ranks the decoder runs on (1 unless the model was loaded with a [`crate::Layout`]).
+    pub fn num_ranks(&self) -> usize {
+        self.ranks.len()
     }
 
     /// A cache for `batch` sequences of up to `capacity` tokens each (at most
     /// `max_position_embedding`). K/V storage is allocated on the first forward pass.
     pub fn new_cache(&self, batch: usize, capacity: usize) -> Result<Step3Cache> {
         let table = SequenceTable::new(batch, capacity, self.config.max_position_embedding())?;
-        let layers = (0..self.layers.len()).map(|_| KvCache::new(capacity)).collect();
-        Ok(Step3Cache { table, layers })
+        let n = self.config.num_hidden_layers;
+        let ranks = self.ranks.iter().map(|_| (0..n).map(|_| KvCache::new(capacity)).collect()).collect();
+        Ok(Step3Cache { table, ranks })
+    }
+
+    /// Runs `run` on every rank at once (rank 0 on this thread with `observe`, the others on
+    /// scoped threads) and returns rank 0's result. A rank that fails aborts its groups so the
+    /// others stop waiting; the groups are then recovered and the first failure returned.
+    fn on_ranks<S: Send, T: Send>(
+        &self,
+        states: Vec<S>,
+        observe: Observer<'_>,
+        run: impl Fn(&RankDecoder, S, Option<Observer<'_>>) -> Result<T> + Sync,
+    ) -> Result<T> {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let mut states = states.into_iter();
+        let first_state = states.next().ok_or_else(|| Error::Input("a model with no ranks".into()))?;
+        if self.ranks.len() == 1 {
+            return run(&self.ranks[0], first_state, Some(observe));
+        }
+        let first_failure = AtomicUsize::new(usize::MAX);
+        let guarded = |i: usize, f: &mut dyn FnMut() -> Result<T>| -> Result<T> {
+            let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+                .unwrap_or_else(|_| Err(Error::Input(format!("rank {i} panicked"))));
+            if out.is_err() {
+                let _ = first_failure.compare_exchange(usize::MAX, i, Ordering::SeqCst, Ordering::SeqCst);
+                self.ranks[i].comms.abort();
+            }
+            out
+        };
+        let mut results: Vec<Result<T>> = std::thread::scope(|scope| {
+            let (run, guarded) = (&run, &guarded);
+            let handles: Vec<_> = self.ranks[1..]
+                .iter()
+                .zip(states)
+                .enumerate()
+                .map(|(i, (rank, state))| {
+                    scope.spawn(move || {
+                        let mut state = Some(state);
+                        guarded(i + 1, &mut || match state.take() {
+                            Some(s) => run(rank, s, None),
+                            None => Err(Error::Input("rank state used twice".into())),
+                        })
+                    })
+                })
+                .collect();
+            let mut state = Some(first_state);
+            let mut observe = Some(observe);
+            let first = guarded(0, &mut || match (state.take(), observe.take()) {
+                (Some(s), Some(o)) => run(&self.ranks[0], s, Some(o)),
+                _ => Err(Error::Input("rank state used twice".into())),
+            });
+            let mut all = vec![first];
+            all.extend(
+                handles
+                    .into_iter()
+                    .map(|h| h.join().unwrap_or_else(|_| Err(Error::Input("a rank thread panicked".into())))),
+            );
+            all
+        });
+        let failed = first_failure.load(Ordering::SeqCst);
+        if failed == usize::MAX {
+            return results.swap_remove(0);
+        }
+        for rank in &self.ranks {
+            if !rank.comms.recover() {
+                return Err(Error::Input(format!(
+                    "rank {failed} failed and the communicators cannot recover: reload the model ({})",
+                    results[failed].as_ref().err().map(|e| e.to_string()).unwrap_or_default()
+                )));
+            }
+        }
+        match results.swap_remove(failed) {
+            Err(e) => Err(e),
+            Ok(_) => Err(Error::Input(format!("rank {failed} failed"))),
+        }
     }
 
     /// Token embeddings: `ids [B, T]` (u32) → `[B, T, H]`.
@@ -298,19 +501,22 @@ impl Step3TextModel {
     ) -> Result<Tensor> {
         let (_, t, _) = xs.dims3()?;
         cache.table.check(lens, t)?;
-        let step = cache.table.step(lens, t, &self.rope, self.dtype, &self.device)?;
-        let mut run = |cache: &mut Step3Cache| -> Result<Tensor> {
-            let mut xs = xs.to_dtype(self.dtype)?;
-            for (l, (layer, kv)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
-                let (out, moe) = layer.forward(&xs, &self.rope, &step, kv)?;
+        let xs = xs.to_dtype(self.dtype)?;
+        let table = &cache.table;
+        let states: Vec<&mut Vec<KvCache>> = cache.ranks.iter_mut().collect();
+        let out = self.on_ranks(states, observe, |rank, kv, mut observe| {
+            let step = table.step(lens, t, &rank.rope, self.dtype, &rank.device)?;
+            let mut xs = xs.to_device(&rank.device)?;
+            for (l, (layer, kv)) in rank.layers.iter().zip(kv.iter_mut()).enumerate() {
+                let (out, moe) = layer.forward(&xs, &rank.rope, &step, kv, &rank.comms)?;
                 xs = out;
-                if let Some((z, routing)) = moe {
+                if let (Some(observe), Some((z, routing))) = (observe.as_mut(), moe) {
                     observe(l, &z, &routing)?;
                 }
             }
-            Ok(self.norm.forward(&xs)?)
-        };
-        match run(cache) {
+            Ok(xs)
+        });
+        match out.and_then(|xs| Ok(self.norm.forward(&xs.to_device(&self.device)?)?)) {
             Ok(hidden) => {
                 cache.table.advance(lens, t);
                 Ok(hidden)
@@ -318,24 +524,31 @@ impl Step3TextModel {
             Err(e) => {
                 // Leave the cache as it was before the step, so the caller may retry or go on.
                 let slots = cache.table.slots();
-                cache.layers.iter_mut().for_each(|kv| kv.truncate(slots));
+                cache.ranks.iter_mut().flatten().for_each(|kv| kv.truncate(slots));
                 Err(e)
             }
         }
     }
 
     /// Bytes one paged block of `block_size` slots takes over all layers (K and V).
+    /// (On each rank: every rank keeps its own copy of the single K/V head.)
     pub fn paged_block_bytes(&self, block_size: usize) -> usize {
-        self.layers.len() * PagedKvCache::block_bytes(block_size, self.config.head_dim, self.dtype)
+        self.config.num_hidden_layers * PagedKvCache::block_bytes(block_size, self.config.head_dim, self.dtype)
     }
 
     /// A paged cache of `num_blocks` blocks of `block_size` token slots in every layer (allocated
-    /// now, zeroed).
+    /// now, zeroed), on every rank's device.
     pub fn new_paged_cache(&self, num_blocks: usize, block_size: usize) -> Result<Step3PagedCache> {
-        let layers = (0..self.layers.len())
-            .map(|_| PagedKvCache::new(num_blocks, block_size, self.config.head_dim, self.dtype, &self.device))
+        let ranks = self
+            .ranks
+            .iter()
+            .map(|r| {
+                (0..self.config.num_hidden_layers)
+                    .map(|_| PagedKvCache::new(num_blocks, block_size, self.config.head_dim, self.dtype, &r.device))
+                    .collect::<candle_core::Result<Vec<_>>>()
+            })
             .collect::<candle_core::Result<Vec<_>>>()?;
-        Ok(Step3PagedCache { layers })
+        Ok(Step3PagedCache { ranks })
     }
 
     /// The positions, slots and masks of a paged step over `cache` (checked against its pool and
@@ -369,20 +582,33 @@ impl Step3TextModel {
                 xs.dims()
             )));
         }
-        let mut xs = xs.to_dtype(self.dtype)?;
-        for (l, (layer, kv)) in self.layers.iter().zip(&cache.layers).enumerate() {
-            let (out, moe) = layer.forward_paged(&xs, &self.rope, step, kv)?;
-            xs = out;
-            if let (Some(trace), Some((_, routing))) = (trace.as_deref_mut(), moe) {
-                trace.push(LayerRouting { layer: l, routing });
+        let xs = xs.to_dtype(self.dtype)?;
+        let mut observe = |layer: usize, _: &Tensor, routing: &Routing| -> Result<()> {
+            if let Some(trace) = trace.as_deref_mut() {
+                trace.push(LayerRouting { layer, routing: routing.clone() });
             }
-        }
-        Ok(self.norm.forward(&xs)?)
+            Ok(())
+        };
+        let states: Vec<&Vec<PagedKvCache>> = cache.ranks.iter().collect();
+        let xs = self.on_ranks(states, &mut observe, |rank, kv, mut observe| {
+            let step = step.to_device(&rank.device)?;
+            let mut xs = xs.to_device(&rank.device)?;
+            for (l, (layer, kv)) in rank.layers.iter().zip(kv).enumerate() {
+                let (out, moe) = layer.forward_paged(&xs, &rank.rope, &step, kv, &rank.comms)?;
+                xs = out;
+                if let (Some(observe), Some((z, routing))) = (observe.as_mut(), moe) {
+                    observe(l, &z, &routing)?;
+                }
+            }
+            Ok(xs)
+        })?;
+        Ok(self.norm.forward(&xs.to_device(&self.device)?)?)
     }
 
-    /// The MoE block of decoder layer `layer` (None for dense layers and out-of-range indices).
+    /// The MoE block of decoder layer `layer` (None for dense layers and out-of-range indices); on
+    /// a sharded model, the first rank's part of it.
     pub fn moe_block(&self, layer: usize) -> Option<&MoeBlock> {
-        match &self.layers.get(layer)?.ffn {
+        match &self.ranks.first()?.layers.get(layer)?.ffn {
             FeedForward::Moe(moe) => Some(moe),
             FeedForward::Dense(_) => None,
         }

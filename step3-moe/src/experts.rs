@@ -1,4 +1,4 @@
-use candle_core::{DType, Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 use step3_nn::Weight;
 
@@ -8,25 +8,84 @@ use crate::{MoeConfig, Routing};
 /// `gate_proj [E, I, H]`, `up_proj [E, I, H]`, `down_proj [E, H, I]`. Expert `e` is the
 /// zero-copy slice `[e]` of each tensor (for block-FP8 weights, of the values and the scales;
 /// only the experts a step uses are dequantised).
+///
+/// A rank of an expert-parallel model holds a contiguous range of the experts (`first_expert..
+/// first_expert + num_experts` of `total_experts`) and, under tensor parallelism, a slice of each
+/// expert's intermediate columns; its output is then a partial sum the model all-reduces. Tokens
+/// routed to experts it does not hold contribute nothing here. The weights may live on another
+/// device than the activations (routed experts in host memory): only the rows routed to the held
+/// experts cross to that device and back.
 #[derive(Debug, Clone)]
 pub struct StackedExperts {
     gate_proj: Weight,
     up_proj: Weight,
     down_proj: Weight,
+    /// Experts held here.
     num_experts: usize,
+    /// Global index of the first one.
+    first_expert: usize,
+    /// Experts of the whole layer (what the router chooses from).
+    total_experts: usize,
+    /// Where the weights live.
+    device: Device,
+}
+
+/// Which part of a layer's routed experts a rank holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExpertSlice {
+    /// Global index of the first expert held.
+    pub first_expert: usize,
+    /// Experts held (a contiguous range).
+    pub num_experts: usize,
+    /// Intermediate columns of each expert held (`moe_intermediate_size / tp`).
+    pub intermediate_size: usize,
 }
 
 impl StackedExperts {
     /// Loads `{gate,up,down}_proj.weight` from `vb` (`model.layers.{i}.moe`).
     pub fn new(cfg: &MoeConfig, vb: VarBuilder) -> Result<Self> {
-        let (e, h, i) = (cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size);
+        let all =
+            ExpertSlice { first_expert: 0, num_experts: cfg.num_experts, intermediate_size: cfg.moe_intermediate_size };
+        Self::new_slice(cfg, all, vb)
+    }
+
+    /// Loads the slice `part` of the experts: `vb` must hand out exactly that slice of each
+    /// stacked tensor (`[n, i, H]`, `[n, H, i]`), as a sharded checkpoint reader does.
+    pub fn new_slice(cfg: &MoeConfig, part: ExpertSlice, vb: VarBuilder) -> Result<Self> {
+        let (e, h, i) = (part.num_experts, cfg.hidden_size, part.intermediate_size);
+        if e == 0 || part.first_expert + e > cfg.num_experts {
+            candle_core::bail!(
+                "experts {}..{} are not a slice of the layer's {} experts",
+                part.first_expert,
+                part.first_expert + e,
+                cfg.num_experts
+            )
+        }
         let f = cfg.weight_format;
         Ok(Self {
             gate_proj: Weight::load(&vb.pp("gate_proj"), "weight", &[e, i, h], f)?,
             up_proj: Weight::load(&vb.pp("up_proj"), "weight", &[e, i, h], f)?,
             down_proj: Weight::load(&vb.pp("down_proj"), "weight", &[e, h, i], f)?,
             num_experts: e,
+            first_expert: part.first_expert,
+            total_experts: cfg.num_experts,
+            device: vb.device().clone(),
         })
+    }
+
+    /// The device the expert weights live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Global index of the first expert held.
+    pub fn first_expert(&self) -> usize {
+        self.first_expert
+    }
+
+    /// Whether every expert of the layer is held here.
+    pub fn holds_all(&self) -> bool {
+        self.num_experts == self.total_experts
     }
 
     /// Bytes of all expert weights held in memory.
@@ -34,28 +93,42 @@ impl StackedExperts {
         self.gate_proj.storage_bytes() + self.up_proj.storage_bytes() + self.down_proj.storage_bytes()
     }
 
+    /// Experts held here (all of the layer's unless the model is expert-parallel).
     pub fn num_experts(&self) -> usize {
         self.num_experts
     }
 
-    /// Expert `e` alone on `xs: [N, H]`, before any routing weight: `down_e(silu(gate_e x) ⊙
-    /// up_e x)`, `[N, H]`.
+    /// Expert `e` (global index, held here) alone on `xs: [N, H]` (moved to the experts' device
+    /// and back if needed),
+    /// before any routing weight: `down_e(silu(gate_e x) ⊙ up_e x)`, `[N, H]`.
     pub fn expert_forward(&self, e: usize, xs: &Tensor) -> Result<Tensor> {
-        if e >= self.num_experts {
-            candle_core::bail!("expert {e} of {}", self.num_experts)
-        }
-        let gate = self.gate_proj.get(e)?.matmul_t(xs)?;
-        let up = self.up_proj.get(e)?.matmul_t(xs)?;
-        self.down_proj.get(e)?.matmul_t(&(step3_nn::silu(&gate)? * up)?)
+        let local = match e.checked_sub(self.first_expert) {
+            Some(l) if l < self.num_experts => l,
+            _ => candle_core::bail!(
+                "expert {e} of {} is not held here (experts {}..{})",
+                self.total_experts,
+                self.first_expert,
+                self.first_expert + self.num_experts
+            ),
+        };
+        let x = xs.to_device(&self.device)?;
+        let gate = self.gate_proj.get(local)?.matmul_t(&x)?;
+        let up = self.up_proj.get(local)?.matmul_t(&x)?;
+        self.down_proj.get(local)?.matmul_t(&(step3_nn::silu(&gate)? * up)?)?.to_device(xs.device())
     }
 
-    /// `xs: [N, H]` → `Σ_j weights[n, j] · Expert_{ids[n, j]}(xs[n])`, `[N, H]`.
+    /// `xs: [N, H]` → `Σ_j weights[n, j] · Expert_{ids[n, j]}(xs[n])`, `[N, H]`, the sum over the
+    /// experts held here, on `xs`'s device.
     ///
-    /// On CUDA with dense bf16/f16 experts this is [`Self::forward_fused`] (no host round-trip);
-    /// otherwise [`Self::forward_grouped`].
+    /// With the weights on another device, the rows routed to a held expert are copied there,
+    /// computed, and copied back. On CUDA with every expert held, dense and bf16/f16, this is
+    /// [`Self::forward_fused`] (no host round-trip); otherwise [`Self::forward_grouped`].
     pub fn forward(&self, xs: &Tensor, routing: &Routing) -> Result<Tensor> {
+        if !self.device.same_device(xs.device()) {
+            return self.forward_elsewhere(xs, routing);
+        }
         let dense_half = matches!((&self.gate_proj, xs.dtype()), (Weight::Dense(_), DType::BF16 | DType::F16));
-        if xs.device().is_cuda() && dense_half {
+        if xs.device().is_cuda() && dense_half && self.holds_all() {
             self.forward_fused(xs, routing)
         } else {
             self.forward_grouped(xs, routing)
@@ -84,12 +157,31 @@ impl StackedExperts {
         ys.reshape((n, k, h))?.sum(1)
     }
 
+    /// [`Self::forward`] with the weights on another device than `xs`: only the rows routed to
+    /// a held expert cross, with their routing.
+    pub(crate) fn forward_elsewhere(&self, xs: &Tensor, routing: &Routing) -> Result<Tensor> {
+        let (n, h) = xs.dims2()?;
+        let ids = routing.ids.to_vec2::<u32>()?;
+        let held = self.first_expert as u32..(self.first_expert + self.num_experts) as u32;
+        let rows: Vec<u32> = (0..n as u32).filter(|&r| ids[r as usize].iter().any(|e| held.contains(e))).collect();
+        let out = Tensor::zeros((n, h), xs.dtype(), xs.device())?;
+        if rows.is_empty() {
+            return Ok(out);
+        }
+        let idx = Tensor::new(rows.as_slice(), xs.device())?;
+        let sub = |t: &Tensor| -> Result<Tensor> { t.index_select(&idx, 0)?.to_device(&self.device) };
+        let part = Routing { ids: sub(&routing.ids)?, weights: sub(&routing.weights)? };
+        let y = self.forward_grouped(&sub(xs)?, &part)?.to_device(xs.device())?;
+        out.index_add(&idx, &y, 0)
+    }
+
     /// The grouped path.
     ///
     /// Tokens are grouped per expert (the routing ids are read on the host to build the
     /// groups), each active expert runs its three matmuls once on its group, the weighted outputs
     /// are concatenated in expert order and scattered back with a single `index_add` (so each
-    /// token accumulates its experts in ascending expert order, as the reference does).
+    /// token accumulates its experts in ascending expert order, as the reference does). Experts
+    /// not held here are skipped.
     pub fn forward_grouped(&self, xs: &Tensor, routing: &Routing) -> Result<Tensor> {
         let (n, h) = xs.dims2()?;
         let k = routing.ids.dim(1)?;
@@ -98,11 +190,14 @@ impl StackedExperts {
         let mut slots: Vec<Vec<u32>> = vec![Vec::new(); self.num_experts];
         for (slot, &e) in ids.iter().enumerate() {
             let e = e as usize;
-            if e >= self.num_experts {
-                candle_core::bail!("router chose expert {e} of {}", self.num_experts)
+            if e >= self.total_experts {
+                candle_core::bail!("router chose expert {e} of {}", self.total_experts)
             }
-            tokens[e].push((slot / k) as u32);
-            slots[e].push(slot as u32);
+            let Some(local) = e.checked_sub(self.first_expert).filter(|&l| l < self.num_experts) else {
+                continue;
+            };
+            tokens[local].push((slot / k) as u32);
+            slots[local].push(slot as u32);
         }
         let weights = routing.weights.flatten_all()?.to_dtype(xs.dtype())?;
         let dev = xs.device();
@@ -113,7 +208,7 @@ impl StackedExperts {
                 continue;
             }
             let idx = Tensor::new(tokens[e].as_slice(), dev)?;
-            let y = self.expert_forward(e, &xs.index_select(&idx, 0)?)?;
+            let y = self.expert_forward(self.first_expert + e, &xs.index_select(&idx, 0)?)?;
             let w = weights.index_select(&Tensor::new(slots[e].as_slice(), dev)?, 0)?;
             outputs.push(y.broadcast_mul(&w.unsqueeze(1)?)?);
             rows.extend_from_slice(&tokens[e]);

@@ -15,7 +15,7 @@ mod experts;
 mod mlp;
 mod router;
 
-pub use experts::StackedExperts;
+pub use experts::{ExpertSlice, StackedExperts};
 pub use mlp::SwiGluMlp;
 pub use router::{Router, Routing};
 
@@ -51,27 +51,59 @@ pub struct MoeConfig {
 pub struct MoeBlock {
     router: Router,
     experts: StackedExperts,
-    shared_expert: SwiGluMlp,
+    shared_expert: Option<SwiGluMlp>,
+}
+
+/// The part of an MoE block one rank of a sharded model holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MoeShard {
+    /// The routed experts held.
+    pub experts: ExpertSlice,
+    /// Columns of the shared expert held (`share_expert_dim / tp`), or `None` when another
+    /// rank computes the shared expert.
+    pub shared_expert_dim: Option<usize>,
+}
+
+impl MoeShard {
+    /// The whole block.
+    pub fn whole(cfg: &MoeConfig) -> Self {
+        Self {
+            experts: ExpertSlice {
+                first_expert: 0,
+                num_experts: cfg.num_experts,
+                intermediate_size: cfg.moe_intermediate_size,
+            },
+            shared_expert_dim: Some(cfg.share_expert_dim),
+        }
+    }
 }
 
 impl MoeBlock {
     pub fn new(cfg: &MoeConfig, vb: VarBuilder) -> Result<Self> {
-        let moe = vb.pp("moe");
+        Self::new_shard(cfg, &MoeShard::whole(cfg), vb.clone(), vb.pp("moe"))
+    }
+
+    /// The part `shard` of the block: router (always whole) and shared expert from `vb`
+    /// (`model.layers.{i}`), routed experts from `experts_vb` (`model.layers.{i}.moe`, possibly
+    /// on another device: see [`StackedExperts`]). The builders must hand out the shard's slices.
+    /// The output is then this rank's partial sum of the block's output.
+    pub fn new_shard(cfg: &MoeConfig, shard: &MoeShard, vb: VarBuilder, experts_vb: VarBuilder) -> Result<Self> {
+        let shared_expert = match shard.shared_expert_dim {
+            Some(dim) => Some(SwiGluMlp::new(cfg.hidden_size, dim, cfg.weight_format, vb.pp("share_expert"))?),
+            None => None,
+        };
         Ok(Self {
-            router: Router::new(cfg, moe.pp("gate"))?,
-            experts: StackedExperts::new(cfg, moe)?,
-            shared_expert: SwiGluMlp::new(
-                cfg.hidden_size,
-                cfg.share_expert_dim,
-                cfg.weight_format,
-                vb.pp("share_expert"),
-            )?,
+            router: Router::new(cfg, vb.pp("moe").pp("gate"))?,
+            experts: StackedExperts::new_slice(cfg, shard.experts, experts_vb)?,
+            shared_expert,
         })
     }
 
     /// Bytes of all weights held in memory.
     pub fn storage_bytes(&self) -> usize {
-        self.router.storage_bytes() + self.experts.storage_bytes() + self.shared_expert.storage_bytes()
+        self.router.storage_bytes()
+            + self.experts.storage_bytes()
+            + self.shared_expert.as_ref().map_or(0, SwiGluMlp::storage_bytes)
     }
 
     pub fn router(&self) -> &Router {
@@ -82,16 +114,20 @@ impl MoeBlock {
         &self.experts
     }
 
-    pub fn shared_expert(&self) -> &SwiGluMlp {
-        &self.shared_expert
+    /// The shared expert (`None` on a rank that leaves it to another).
+    pub fn shared_expert(&self) -> Option<&SwiGluMlp> {
+        self.shared_expert.as_ref()
     }
 
     /// `xs: [N, H]` → (`[N, H]`, the routing used).
     pub fn forward(&self, xs: &Tensor) -> Result<(Tensor, Routing)> {
         let routing = self.router.route(xs)?;
         let routed = self.experts.forward(xs, &routing)?;
-        let shared = self.shared_expert.forward(xs)?;
-        Ok(((routed + shared)?, routing))
+        let out = match &self.shared_expert {
+            Some(shared) => (routed + shared.forward(xs)?)?,
+            None => routed,
+        };
+        Ok((out, routing))
     }
 }
 
@@ -233,6 +269,58 @@ mod tests {
         check(5, 2, 4, true)?;
         check(4, 1, 1, false)?;
         check(6, 6, 3, true)
+    }
+
+    /// Expert-parallel and tensor-parallel slices of a block: the partial outputs of every slice
+    /// add up to the whole block's output, and the path that moves the routed rows to the
+    /// experts' device (and back) computes the same thing as the direct one.
+    #[test]
+    fn slices_of_the_experts_sum_to_the_whole_block() -> candle_core::Result<()> {
+        let (e, k, h, i, s, n) = (6, 2, 12, 10, 6, 9);
+        let c = case(e, k, h, i, s, false)?;
+        let whole = MoeBlock::new(&c.cfg, VarBuilder::from_tensors(c.tensors.clone(), DType::F32, &Device::Cpu))?;
+        let xs = Tensor::from_vec(det(n * h, 5, 2.0), (n, h), &Device::Cpu)?;
+        let (want, routing) = whole.forward(&xs)?;
+        let direct = whole.experts().forward_grouped(&xs, &routing)?;
+        let moved = whole.experts().forward_elsewhere(&xs, &routing)?;
+        let diff = (direct - moved)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert_eq!(diff, 0.0);
+        // EP 3 × TP 2: experts {0,1}, {2,3}, {4,5}; columns {0..5}, {5..10} of each expert and of
+        // the shared expert (held by the first EP slice only).
+        let (ep, tp) = (3, 2);
+        let mut total = Tensor::zeros((n, h), DType::F32, &Device::Cpu)?;
+        for r in 0..ep {
+            for t in 0..tp {
+                let mut m = HashMap::new();
+                let cols = |x: &Tensor, dim: usize| {
+                    let len = x.dim(dim)? / tp;
+                    x.narrow(dim, t * len, len)
+                };
+                let rows = |x: &Tensor| x.narrow(0, r * e / ep, e / ep).unwrap();
+                m.insert("moe.gate.weight".to_string(), c.tensors["moe.gate.weight"].clone());
+                m.insert("moe.gate_proj.weight".to_string(), cols(&rows(&c.tensors["moe.gate_proj.weight"]), 1)?);
+                m.insert("moe.up_proj.weight".to_string(), cols(&rows(&c.tensors["moe.up_proj.weight"]), 1)?);
+                m.insert("moe.down_proj.weight".to_string(), cols(&rows(&c.tensors["moe.down_proj.weight"]), 2)?);
+                for p in ["gate_proj", "up_proj"] {
+                    let w = &c.tensors[&format!("share_expert.{p}.weight")];
+                    m.insert(format!("share_expert.{p}.weight"), cols(w, 0)?);
+                }
+                m.insert("share_expert.down_proj.weight".into(), cols(&c.tensors["share_expert.down_proj.weight"], 1)?);
+                let shard = MoeShard {
+                    experts: ExpertSlice { first_expert: r * e / ep, num_experts: e / ep, intermediate_size: i / tp },
+                    shared_expert_dim: (r == 0).then_some(s / tp),
+                };
+                let vb = VarBuilder::from_tensors(m, DType::F32, &Device::Cpu);
+                let block = MoeBlock::new_shard(&c.cfg, &shard, vb.clone(), vb.pp("moe"))?;
+                assert_eq!(block.shared_expert().is_some(), r == 0);
+                let (part, _) = block.forward(&xs)?;
+                total = (total + part)?;
+            }
+        }
+        let scale = want.abs()?.max_all()?.to_scalar::<f32>()?;
+        let diff = (total - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff <= 1e-6 * scale, "{diff} vs {scale}");
+        Ok(())
     }
 
     #[test]
