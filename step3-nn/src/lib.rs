@@ -9,6 +9,7 @@
 //! [`candle_nn::VarBuilder`] positioned at the layer and a [`WeightFormat`].
 
 mod act;
+pub mod cpu;
 mod linear;
 mod norm;
 mod weight;

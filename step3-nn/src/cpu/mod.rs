@@ -1,0 +1,434 @@
+//! CPU kernels for skinny products `y[M, N] = x[M, K] · W[N, K]ᵀ` with few rows `M` (decode and
+//! batched decode), the case where the weight is read once and the product is bound by memory
+//! bandwidth, not arithmetic.
+//!
+//! The weight is read in place (the tensor's own storage: f32, bf16, f16 or block-FP8 e4m3 values
+//! with their per-block f32 scales), never converted or copied as a whole; activations are f32 and
+//! every product is accumulated in f32. Block-FP8 values are dequantised in registers, eight at a
+//! time: the block's scale is folded into the one multiply that widens the byte to f32, so each
+//! weight is `f32(e4m3 · scale)` (rounded to bf16/f16 when the compute dtype is, as a reference
+//! that dequantises to its dtype first does) and an FP8 product equals, bit for bit, the product
+//! with the weight dequantised beforehand. The output rows are split in contiguous chunks over
+//! rayon's global pool (the pool candle's GEMM runs on, so the two never compete for the cores).
+//!
+//! The instruction set is chosen once at run time ([`Isa::detected`]): AVX2+FMA+F16C on x86-64,
+//! else a portable scalar loop. `STEP3_CPU_KERNEL=scalar` forces the scalar loop and
+//! `STEP3_CPU_KERNEL=off` turns the kernels off ([`crate::Weight`] then takes candle's GEMM for
+//! every product, as before these kernels existed: for comparisons); tests call
+//! [`matmul_t_with`] with each [`Isa::available`] path.
+
+use std::sync::OnceLock;
+
+use rayon::prelude::*;
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+
+/// A weight matrix `[N, K]`, row-major, borrowed from its tensor's storage.
+#[derive(Debug, Clone, Copy)]
+pub enum WeightSlice<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [half::bf16]),
+    F16(&'a [half::f16]),
+    /// `float8_e4m3fn` bytes `[N, K]` and f32 scales `[ceil(N/b0), ceil(K/b1)]` for
+    /// `block = [b0, b1]`: `W[r, c] = round(e4m3(values[r, c]) · scales[r/b0, c/b1])`.
+    Fp8 {
+        values: &'a [u8],
+        scales: &'a [f32],
+        block: [usize; 2],
+        round: Round,
+    },
+}
+
+/// The precision a dequantised FP8 weight is rounded to before it multiplies (the compute dtype).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Round {
+    /// Kept in f32.
+    None,
+    /// Rounded to the nearest bf16 (ties to even).
+    Bf16,
+    /// Rounded to the nearest f16 (ties to even).
+    F16,
+}
+
+impl Round {
+    pub fn apply(self, v: f32) -> f32 {
+        match self {
+            Round::None => v,
+            Round::Bf16 => half::bf16::from_f32(v).to_f32(),
+            Round::F16 => half::f16::from_f32(v).to_f32(),
+        }
+    }
+}
+
+impl WeightSlice<'_> {
+    fn elements(&self) -> usize {
+        match self {
+            Self::F32(w) => w.len(),
+            Self::Bf16(w) => w.len(),
+            Self::F16(w) => w.len(),
+            Self::Fp8 { values, .. } => values.len(),
+        }
+    }
+
+    fn bytes_per_element(&self) -> usize {
+        match self {
+            Self::F32(_) => 4,
+            Self::Bf16(_) | Self::F16(_) => 2,
+            Self::Fp8 { .. } => 1,
+        }
+    }
+}
+
+/// An instruction-set path of the kernels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    /// Portable Rust, any machine.
+    Scalar,
+    /// x86-64 AVX2 + FMA + F16C.
+    Avx2,
+}
+
+/// `STEP3_CPU_KERNEL`, read once: `Some(None)` off, `Some(Some(Scalar))` forced scalar.
+fn setting() -> Option<Option<Isa>> {
+    static SETTING: OnceLock<Option<Option<Isa>>> = OnceLock::new();
+    *SETTING.get_or_init(|| match std::env::var("STEP3_CPU_KERNEL").map(|v| v.to_ascii_lowercase()).as_deref() {
+        Ok("off") => Some(None),
+        Ok("scalar") => Some(Some(Isa::Scalar)),
+        _ => None,
+    })
+}
+
+/// Whether [`crate::Weight`] uses these kernels (not `STEP3_CPU_KERNEL=off`).
+pub fn enabled() -> bool {
+    setting() != Some(None)
+}
+
+/// What the CPU products run on, for benchmark headers: `avx2+fma+f16c`, `scalar`, `off (candle GEMM)`.
+pub fn describe() -> String {
+    match (enabled(), Isa::detected()) {
+        (false, _) => "off (candle GEMM)".into(),
+        (true, Isa::Scalar) => "scalar".into(),
+        (true, Isa::Avx2) => "avx2+fma+f16c".into(),
+    }
+}
+
+impl Isa {
+    /// The best path this machine has, detected once; `STEP3_CPU_KERNEL=scalar` forces
+    /// [`Isa::Scalar`].
+    pub fn detected() -> Self {
+        static ISA: OnceLock<Isa> = OnceLock::new();
+        *ISA.get_or_init(|| match setting() {
+            Some(Some(isa)) => isa,
+            _ => Self::available().into_iter().last().unwrap_or(Isa::Scalar),
+        })
+    }
+
+    /// Every path this machine can run, scalar first.
+    pub fn available() -> Vec<Self> {
+        let mut v = vec![Isa::Scalar];
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c")
+        {
+            v.push(Isa::Avx2);
+        }
+        v
+    }
+
+    /// Whether this path has a vector kernel for `w` (else the scalar loop runs).
+    fn vectorizes(self, w: &WeightSlice) -> bool {
+        match self {
+            Isa::Scalar => false,
+            #[cfg(target_arch = "x86_64")]
+            // Eight values share a scale, and `scale · 2^120` is finite.
+            Isa::Avx2 => match w {
+                WeightSlice::Fp8 { block, scales, .. } => block[1] % 8 == 0 && scales.iter().all(|s| s.abs() < 256.0),
+                _ => true,
+            },
+            #[cfg(not(target_arch = "x86_64"))]
+            Isa::Avx2 => false,
+        }
+    }
+}
+
+/// Rows `M` up to which [`crate::Weight::matmul_t`] uses these kernels on the CPU (above it,
+/// candle's GEMM).
+pub const MAX_ROWS: usize = 16;
+
+/// Work (weight bytes) below which one thread does the whole product: splitting costs more.
+const SERIAL_BYTES: usize = 256 << 10;
+
+/// `y[M, N] = x[M, K] · W[N, K]ᵀ` in f32 on the [`Isa::detected`] path.
+pub fn matmul_t(x: &[f32], m: usize, k: usize, w: WeightSlice, n: usize) -> Vec<f32> {
+    matmul_t_with(Isa::detected(), x, m, k, w, n)
+}
+
+/// [`matmul_t`] on a chosen path.
+///
+/// # Panics
+/// If the slices' lengths do not match `m`, `k`, `n` (callers check shapes first), or `isa` is
+/// a path this machine does not have.
+pub fn matmul_t_with(isa: Isa, x: &[f32], m: usize, k: usize, w: WeightSlice, n: usize) -> Vec<f32> {
+    assert_eq!(x.len(), m * k, "x is not [{m}, {k}]");
+    assert_eq!(w.elements(), n * k, "weight is not [{n}, {k}]");
+    if let WeightSlice::Fp8 { scales, block, .. } = w {
+        assert!(block[0] > 0 && block[1] > 0, "empty FP8 block");
+        assert_eq!(scales.len(), n.div_ceil(block[0]) * k.div_ceil(block[1]), "FP8 scales do not match");
+    }
+    assert!(isa == Isa::Scalar || Isa::available().contains(&isa), "{isa:?} is not available here");
+    if m == 0 || n == 0 {
+        return Vec::new();
+    }
+    let threads = rayon::current_num_threads();
+    let bytes = n * k * w.bytes_per_element();
+    // Contiguous chunks of output rows, a few per thread so that a slow thread is evened out,
+    // multiples of 4 rows (the AVX2 tile).
+    let chunk = if threads <= 1 || bytes <= SERIAL_BYTES { n } else { n.div_ceil(threads * 4).next_multiple_of(4) };
+    // Computed transposed, `[N, M]`, so each chunk owns a contiguous piece of the output.
+    let mut out_t = vec![0f32; n * m];
+    let run = |(ci, out): (usize, &mut [f32])| {
+        let r0 = ci * chunk;
+        rows(isa, x, m, k, w, r0, r0 + out.len() / m, out);
+    };
+    if chunk >= n {
+        run((0, &mut out_t));
+    } else {
+        out_t.par_chunks_mut(chunk * m).enumerate().for_each(run);
+    }
+    if m == 1 {
+        return out_t;
+    }
+    let mut out = vec![0f32; n * m];
+    for (r, row) in out_t.chunks_exact(m).enumerate() {
+        for (j, v) in row.iter().enumerate() {
+            out[j * n + r] = *v;
+        }
+    }
+    out
+}
+
+/// Output rows `r0..r1` into `out [r1 - r0, M]`.
+#[allow(clippy::too_many_arguments)]
+fn rows(isa: Isa, x: &[f32], m: usize, k: usize, w: WeightSlice, r0: usize, r1: usize, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx2 && isa.vectorizes(&w) {
+        // SAFETY: AVX2, FMA and F16C were detected (`Isa::available`,
+        // `Isa::vectorizes`); the slice lengths were checked by `matmul_t_with`.
+        unsafe { avx2::rows(x, m, k, w, r0, r1, out) };
+        return;
+    }
+    let _ = isa;
+    scalar_rows(x, m, k, w, r0, r1, out)
+}
+
+/// The 256 values of `float8_e4m3fn` as f32.
+pub fn e4m3_table() -> &'static [f32; 256] {
+    static TABLE: OnceLock<[f32; 256]> = OnceLock::new();
+    TABLE.get_or_init(|| std::array::from_fn(|i| float8::F8E4M3::from_bits(i as u8).to_f32()))
+}
+
+/// The portable loop: per output element a dot product in f32 (eight interleaved partial sums,
+/// so it vectorises where the compiler can), FP8 weights dequantised per element.
+fn scalar_rows(x: &[f32], m: usize, k: usize, w: WeightSlice, r0: usize, r1: usize, out: &mut [f32]) {
+    fn dot(x: &[f32], w: impl Iterator<Item = f32>) -> f32 {
+        let mut acc = [0f32; 8];
+        for (i, (a, b)) in x.iter().zip(w).enumerate() {
+            acc[i % 8] += a * b;
+        }
+        ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
+    }
+    for r in r0..r1 {
+        for j in 0..m {
+            let xr = &x[j * k..(j + 1) * k];
+            let v = match w {
+                WeightSlice::F32(w) => dot(xr, w[r * k..(r + 1) * k].iter().copied()),
+                WeightSlice::Bf16(w) => dot(xr, w[r * k..(r + 1) * k].iter().map(|v| v.to_f32())),
+                WeightSlice::F16(w) => dot(xr, w[r * k..(r + 1) * k].iter().map(|v| v.to_f32())),
+                WeightSlice::Fp8 { values, scales, block, round } => {
+                    let table = e4m3_table();
+                    let cb = k.div_ceil(block[1]);
+                    let srow = &scales[(r / block[0]) * cb..][..cb];
+                    let wr = &values[r * k..(r + 1) * k];
+                    let w = wr.iter().enumerate().map(|(c, b)| round.apply(table[*b as usize] * srow[c / block[1]]));
+                    dot(xr, w)
+                }
+            };
+            out[(r - r0) * m + j] = v;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic values in [-1, 1).
+    fn vals(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                ((s >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) as f32
+            })
+            .collect()
+    }
+
+    /// The weight's values as f64.
+    fn dense(w: WeightSlice, n: usize, k: usize) -> Vec<f64> {
+        match w {
+            WeightSlice::F32(w) => w.iter().map(|v| *v as f64).collect(),
+            WeightSlice::Bf16(w) => w.iter().map(|v| v.to_f64()).collect(),
+            WeightSlice::F16(w) => w.iter().map(|v| v.to_f64()).collect(),
+            WeightSlice::Fp8 { values, scales, block, round } => {
+                let cb = k.div_ceil(block[1]);
+                (0..n * k)
+                    .map(|i| {
+                        let (r, c) = (i / k, i % k);
+                        let s = scales[(r / block[0]) * cb + c / block[1]];
+                        round.apply(e4m3_table()[values[i] as usize] * s) as f64
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    /// Every available path against the f64 product, within the f32 summation bound
+    /// `2·K·ε·Σ|x·w|` (plus one rounding of the result).
+    fn check(x: &[f32], m: usize, k: usize, w: WeightSlice, n: usize) {
+        let wd = dense(w, n, k);
+        for isa in Isa::available() {
+            let y = matmul_t_with(isa, x, m, k, w, n);
+            assert_eq!(y.len(), m * n);
+            for j in 0..m {
+                for r in 0..n {
+                    let (exact, abs) = (0..k).fold((0f64, 0f64), |(s, a), c| {
+                        let t = x[j * k + c] as f64 * wd[r * k + c];
+                        (s + t, a + t.abs())
+                    });
+                    let got = y[j * n + r] as f64;
+                    let bound = (2 * k + 2) as f64 * f32::EPSILON as f64 * abs + f32::MIN_POSITIVE as f64;
+                    assert!(
+                        (got - exact).abs() <= bound || (got.is_nan() && exact.is_nan()),
+                        "{isa:?} {w:?} m={m} k={k} n={n} ({j},{r}): {got} vs {exact}",
+                        w = std::mem::discriminant(&w)
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn every_dtype_and_path_matches_f64_over_awkward_shapes() {
+        let shapes =
+            [(1, 1, 1), (1, 7, 5), (2, 9, 3), (3, 17, 13), (5, 33, 4), (8, 131, 21), (16, 250, 9), (17, 64, 7)];
+        for (seed, &(m, k, n)) in shapes.iter().enumerate() {
+            let x = vals(m * k, seed as u64);
+            let wf = vals(n * k, 100 + seed as u64);
+            check(&x, m, k, WeightSlice::F32(&wf), n);
+            let wb: Vec<_> = wf.iter().map(|v| half::bf16::from_f32(*v)).collect();
+            check(&x, m, k, WeightSlice::Bf16(&wb), n);
+            let wh: Vec<_> = wf.iter().map(|v| half::f16::from_f32(*v)).collect();
+            check(&x, m, k, WeightSlice::F16(&wh), n);
+        }
+    }
+
+    #[test]
+    fn fp8_blocks_with_partial_edges_match_f64() {
+        // (m, k, n, block): K and N not multiples of the block or of 8; one block not a multiple
+        // of 8 (scalar loop on every path).
+        let cases = [
+            (1, 300, 257, [128, 128]),
+            (3, 129, 130, [128, 128]),
+            (16, 256, 64, [128, 128]),
+            (17, 100, 9, [16, 32]),
+            (2, 50, 11, [4, 24]),
+            (4, 23, 6, [2, 3]),
+        ];
+        for (seed, &(m, k, n, block)) in cases.iter().enumerate() {
+            let x = vals(m * k, seed as u64);
+            // Finite codes only (NaN codes are checked separately).
+            let values: Vec<u8> = vals(n * k, 50 + seed as u64)
+                .iter()
+                .map(|v| {
+                    let b = ((v + 1.0) * 128.0) as u8;
+                    if b & 0x7F == 0x7F {
+                        b - 1
+                    } else {
+                        b
+                    }
+                })
+                .collect();
+            let sn = n.div_ceil(block[0]) * k.div_ceil(block[1]);
+            let scales: Vec<f32> = vals(sn, 70 + seed as u64).iter().map(|v| (v.abs() + 0.1) / 448.0).collect();
+            for round in [Round::None, Round::Bf16, Round::F16] {
+                check(&x, m, k, WeightSlice::Fp8 { values: &values, scales: &scales, block, round }, n);
+            }
+        }
+    }
+
+    /// Each of the 256 codes alone in a row, times 1 (and a power-of-two scale): every path
+    /// decodes it exactly, NaN codes included.
+    #[test]
+    fn all_256_fp8_codes_decode_exactly() {
+        let (k, n) = (16, 256);
+        let mut values = vec![0u8; n * k];
+        for code in 0..256 {
+            values[code * k + 5] = code as u8;
+        }
+        let mut x = vec![0f32; k];
+        x[5] = 1.0;
+        let scales = vec![0.5f32; n.div_ceil(128) * k.div_ceil(16)];
+        for isa in Isa::available() {
+            let w = WeightSlice::Fp8 { values: &values, scales: &scales, block: [128, 16], round: Round::None };
+            let y = matmul_t_with(isa, &x, 1, k, w, n);
+            for (code, &got) in y.iter().enumerate() {
+                let want = float8::F8E4M3::from_bits(code as u8).to_f32() * 0.5;
+                assert!(got == want || (got.is_nan() && want.is_nan()), "{isa:?} code {code:#04x}: {got} vs {want}");
+            }
+        }
+    }
+
+    /// An FP8 product is the product with the weight dequantised first, bit for bit, on every
+    /// path and in every rounding (so compact and dequantised-at-load checkpoints agree exactly).
+    /// A scale of 256 or more (no real checkpoint has one: it is `amax / 448`) sends FP8 to the
+    /// scalar loop, which is still exact to f32 rounding against f64.
+    #[test]
+    fn fp8_equals_the_dequantised_weight_bit_for_bit() {
+        for (seed, (m, k, n, big)) in
+            [(1, 300, 37, false), (5, 264, 12, false), (2, 136, 9, true)].into_iter().enumerate()
+        {
+            let x = vals(m * k, 7 + seed as u64);
+            let values: Vec<u8> = vals(n * k, 9 + seed as u64).iter().map(|v| ((v + 1.0) * 63.0) as u8).collect();
+            let block = [8, 128];
+            let sn = n.div_ceil(block[0]) * k.div_ceil(block[1]);
+            let mut scales: Vec<f32> = vals(sn, 11).iter().map(|v| v.abs() * 0.01 + 1e-3).collect();
+            if big {
+                scales[0] = 300.0;
+            }
+            for round in [Round::None, Round::Bf16, Round::F16] {
+                let w = WeightSlice::Fp8 { values: &values, scales: &scales, block, round };
+                let deq: Vec<f32> = dense(w, n, k).iter().map(|v| *v as f32).collect();
+                for isa in Isa::available() {
+                    let a = matmul_t_with(isa, &x, m, k, w, n);
+                    let b = matmul_t_with(isa, &x, m, k, WeightSlice::F32(&deq), n);
+                    let same = a.iter().zip(&b).all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same || (big && isa != Isa::Scalar), "{isa:?} {round:?} m={m} k={k} n={n}");
+                }
+                check(&x, m, k, w, n);
+            }
+        }
+    }
+
+    /// Large enough to be split over threads, with a row count that leaves a short last chunk.
+    #[test]
+    fn threaded_chunks_cover_every_row() {
+        let (m, k, n) = (3, 1000, 1001);
+        let x = vals(m * k, 1);
+        let wf = vals(n * k, 2);
+        check(&x, m, k, WeightSlice::F32(&wf), n);
+    }
+}
