@@ -163,9 +163,11 @@ impl Engine {
             KvCacheSize::Blocks(n) => n,
             KvCacheSize::Bytes(b) => (b / block_bytes) as usize,
             KvCacheSize::Auto => {
+                // Every rank of a split model keeps its own pool: on a GPU each on its own device
+                // (sized by the first, which holds the most weights), on the CPU all in one RAM.
                 let budget = match cuda_free_memory(text.device()) {
                     Some(free) => free / 10 * 9,
-                    None => total_memory().unwrap_or(8 << 30) / 10,
+                    None => total_memory().unwrap_or(8 << 30) / 10 / text.num_ranks() as u64,
                 };
                 ((budget / block_bytes) as usize).min(most)
             }

@@ -3,7 +3,8 @@
 //! This crate owns what turns a checkpoint directory into a running model: checkpoint discovery
 //! and memory-mapped loading ([`loader`]: one `model.safetensors` or shards, the inventory check
 //! of every tensor before anything is built), the Step3 language model composed from
-//! [`step3_mfa`] attention and [`step3_moe`] feed-forward blocks ([`Step3TextModel`]), the
+//! [`step3_mfa`] attention and [`step3_moe`] feed-forward blocks ([`Step3TextModel`]; also split
+//! over tensor- and expert-parallel ranks, routed experts optionally in host memory: [`shard`]), the
 //! vision-language model with its image-feature merge ([`Step3Model`]; the tower itself is
 //! [`step3_vision`]'s), the tokenizer and chat format, turning generated tokens into reasoning,
 //! answer and tool calls ([`stream`]), sampling ([`sampling`]), the checkpoint's generation

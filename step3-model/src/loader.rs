@@ -351,6 +351,10 @@ impl Step3Checkpoint {
             })
             .collect();
         let text = Step3TextModel::new_ranks(&self.config.text, format, main.clone(), ranks)?;
+        // Ranks skip what they do not hold (rank 0 alone loads the embedding): close the count.
+        if let Some(LoadProgress(f)) = &opts.progress {
+            f(total, total);
+        }
         Ok((main, text))
     }
 
