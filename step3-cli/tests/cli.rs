@@ -298,3 +298,27 @@ fn inspect_plans_memory_per_device() {
     assert!(!out.status.success());
     assert!(stdout(&out).contains("model.layers.4.share_expert.gate_proj.weight"), "{}", stdout(&out));
 }
+
+#[test]
+fn verify_checks_the_goldens_on_a_split_model() {
+    // Two fixture folders: one the layout splits, one whose FP8 blocks it would cut.
+    let tmp = tempfile::tempdir().unwrap();
+    for name in ["vl-f32", "fp8-block"] {
+        std::os::unix::fs::symlink(fixtures().join(name), tmp.path().join(name)).unwrap();
+    }
+    let layout = step3::Layout::new(2, 2, None).unwrap();
+    let checks = step3_cli::verify::verify_sharded(
+        tmp.path(),
+        step3::DType::F32,
+        &step3::Device::Cpu,
+        &layout,
+        step3::ExpertPlacement::Host,
+    )
+    .unwrap();
+    let split: Vec<_> = checks.iter().filter(|c| c.name.starts_with("vl-f32/")).collect();
+    assert!(split.len() >= 20, "{checks:?}");
+    assert!(split.iter().all(|c| c.gating && c.passed() && c.name.ends_with("@tp2ep2+host-experts")), "{split:?}");
+    let skipped: Vec<_> = checks.iter().filter(|c| c.name.starts_with("fp8-block/")).collect();
+    assert_eq!(skipped.len(), 1, "{skipped:?}");
+    assert!(!skipped[0].gating && skipped[0].to_string().starts_with("skip"), "{}", skipped[0]);
+}
