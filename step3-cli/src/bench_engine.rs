@@ -50,30 +50,6 @@ pub struct EngineBenchArgs {
     kv_cache_gb: Option<f64>,
 }
 
-/// The synthetic checkpoint's text config (about 200M parameters).
-fn synthetic_config() -> Result<step3::TextConfig> {
-    let text = serde_json::json!({
-        "model_type": "step3_text",
-        "hidden_size": 1024,
-        "intermediate_size": 2816,
-        "num_hidden_layers": 6,
-        "num_attention_heads": 8,
-        "num_attention_groups": 1,
-        "head_dim": 256,
-        "share_q_dim": 512,
-        "vocab_size": 32000,
-        "moe_num_experts": 16,
-        "moe_top_k": 3,
-        "moe_intermediate_size": 512,
-        "share_expert_dim": 512,
-        "norm_expert_weight": false,
-        "moe_layers_enum": "1,2,3,4",
-        "rope_theta": 500000.0,
-        "max_position_embedding": 65536,
-    });
-    Ok(step3::Step3Config::from_json_str(&text.to_string(), "synthetic")?.text)
-}
-
 fn percentile(sorted: &[f64], q: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -117,7 +93,7 @@ pub fn run(a: EngineBenchArgs) -> Result<ExitCode> {
             (Engine::load(dir, &opts, config)?, dir.display().to_string())
         }
         None => {
-            let cfg = synthetic_config()?;
+            let cfg = crate::synthetic::small_config()?;
             let vb = candle_nn::VarBuilder::from_backend(
                 Box::new(crate::synthetic::Synthetic::new(&cfg, false).random()),
                 dtype,

@@ -38,6 +38,12 @@ impl Synthetic {
             return Tensor::randn(0f32, (1.0 / h.sqrt()) as f32, shape, dev)?.to_dtype(dtype);
         }
         if name.ends_with("_scale_inv") {
+            if self.random {
+                // Random e4m3 bytes average about 60 in magnitude: scales that make the weights
+                // about as large as the dense random ones (1/sqrt(fan-in)).
+                let fan_in = (*shape.last().unwrap_or(&1) * 128) as f64;
+                return Tensor::full((1.0 / (60.0 * fan_in.sqrt())) as f32, shape, dev);
+            }
             return Tensor::ones(shape, DType::F32, dev);
         }
         if self.random && dtype != DType::F8E4M3 {
@@ -49,7 +55,8 @@ impl Synthetic {
         }
         if dtype == DType::F8E4M3 {
             let n: usize = shape.iter().product();
-            return Tensor::from_raw_buffer(&vec![0u8; n], DType::F8E4M3, shape, dev);
+            let bytes = if self.random { random_e4m3_bytes(n, name.len() as u64) } else { vec![0u8; n] };
+            return Tensor::from_raw_buffer(&bytes, DType::F8E4M3, shape, dev);
         }
         Tensor::zeros(shape, dtype, dev)
     }
@@ -75,6 +82,46 @@ impl candle_nn::var_builder::SimpleBackend for Synthetic {
             None => self.tensors.contains_key(name),
         }
     }
+}
+
+/// `n` random finite e4m3 codes (exponent field below 15, so never a NaN).
+fn random_e4m3_bytes(n: usize, seed: u64) -> Vec<u8> {
+    let mut state = 0x9E37_79B9_7F4A_7C15u64 ^ seed.wrapping_mul(0xD1B5_4A32_D192_ED03);
+    (0..n)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state as u8) & 0b1111_0111
+        })
+        .collect()
+}
+
+/// Step3's architecture at about 200M parameters, 89.5M of them active per token: hidden 1024,
+/// 6 layers of which 1-4 are MoE (16 experts of width 512, top-3, plus a shared expert of 512),
+/// dense FFN 2816, 8 query heads of 256 from a 512-wide query rank, one K/V head, vocabulary
+/// 32000. The checkpoint of `step3 bench engine` and `step3 bench decode-model`.
+pub fn small_config() -> anyhow::Result<TextConfig> {
+    let text = serde_json::json!({
+        "model_type": "step3_text",
+        "hidden_size": 1024,
+        "intermediate_size": 2816,
+        "num_hidden_layers": 6,
+        "num_attention_heads": 8,
+        "num_attention_groups": 1,
+        "head_dim": 256,
+        "share_q_dim": 512,
+        "vocab_size": 32000,
+        "moe_num_experts": 16,
+        "moe_top_k": 3,
+        "moe_intermediate_size": 512,
+        "share_expert_dim": 512,
+        "norm_expert_weight": false,
+        "moe_layers_enum": "1,2,3,4",
+        "rope_theta": 500000.0,
+        "max_position_embedding": 65536,
+    });
+    Ok(step3::Step3Config::from_json_str(&text.to_string(), "synthetic")?.text)
 }
 
 /// A Step3 text config at real dimensions, divided by `scale` (hidden, query rank, heads, MLP and
