@@ -31,6 +31,10 @@ enum BenchKind {
     Moe(MoeArgs),
     /// A decode step of a truncated Step3 (2 dense + 2 MoE layers) end to end.
     Decode(DecodeArgs),
+    /// Whole-model decode on the CPU against its memory-bandwidth floor: a synthetic ~200M Step3
+    /// (hidden 1024, 6 layers, 1-4 MoE with 16 experts top-3 + shared; random weights), per weight
+    /// dtype: prefill, greedy decode of one sequence and of a batch.
+    DecodeModel(DecodeModelArgs),
     /// The device's ceilings, then attention, MoE and decode with their defaults.
     All(Common),
     /// The serving engine under load: concurrent requests, aggregate rates, TTFT and inter-token
@@ -88,6 +92,23 @@ struct DecodeArgs {
 }
 
 #[derive(Args)]
+struct DecodeModelArgs {
+    /// Weight dtypes, comma-separated: f32, bf16, fp8 (block-FP8 e4m3 computing in bf16; the
+    /// embedding and lm_head stay bf16).
+    #[arg(long, default_value = "f32,bf16,fp8")]
+    weights: String,
+    /// Prompt tokens per sequence.
+    #[arg(long, default_value_t = 256)]
+    prompt: usize,
+    /// Greedy tokens generated per sequence.
+    #[arg(long, default_value_t = 64)]
+    tokens: usize,
+    /// Sequences of the batched run (compared with one sequence).
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+}
+
+#[derive(Args)]
 struct VitArgs {
     /// Encoder layers actually run (the time is extrapolated to 63).
     #[arg(long, default_value_t = 2)]
@@ -131,6 +152,7 @@ pub fn run(a: BenchArgs) -> Result<ExitCode> {
             let c = Ctx::new(&a.common)?;
             decode(&c, a.batch, a.context)
         }
+        BenchKind::DecodeModel(a) => decode_model(a),
         BenchKind::Engine(a) => crate::bench_engine::run(a),
         BenchKind::Serve(a) => crate::bench_serve::run(a),
         BenchKind::All(common) => {
@@ -268,8 +290,9 @@ struct Ctx {
     common: Common,
     device: Device,
     dtype: DType,
-    /// Memory bandwidth measured with a large copy, bytes/s.
-    copy_bps: f64,
+    /// Memory bandwidth, bytes/s: on the CPU a streaming read on every core
+    /// ([`read_bandwidth`]), on a GPU a large device copy.
+    read_bps: f64,
     /// Dense matmul rate in `dtype`, FLOP/s.
     matmul_flops: f64,
 }
@@ -278,25 +301,29 @@ impl Ctx {
     fn new(common: &Common) -> Result<Self> {
         let device = step3::parse_device(&common.device)?;
         let dtype = step3::parse_dtype(&common.dtype)?;
-        let (n, m) = if device.is_cuda() { (512usize << 20, 8192usize) } else { (64usize << 20, 1536usize) };
-        let x = Tensor::zeros(n / dtype.size_in_bytes(), dtype, &device)?;
-        let t = time_us(common.iters, &device, || Ok(x.copy()?))?;
-        let copy_bps = 2.0 * n as f64 / (t * 1e-6);
-        drop(x);
+        let (read_bps, how) = if device.is_cuda() {
+            let n = 512usize << 20;
+            let x = Tensor::zeros(n / dtype.size_in_bytes(), dtype, &device)?;
+            let t = time_us(common.iters, &device, || Ok(x.copy()?))?;
+            (2.0 * n as f64 / (t * 1e-6), "copy")
+        } else {
+            (read_bandwidth(1 << 30, common.iters), "streaming read (all cores, 1 GiB)")
+        };
+        let m = if device.is_cuda() { 8192usize } else { 1536 };
         let a = Tensor::randn(0f32, 1.0, (m, m), &device)?.to_dtype(dtype)?;
         let t = time_us(common.iters, &device, || Ok(a.matmul(&a)?))?;
         let matmul_flops = 2.0 * (m as f64).powi(3) / (t * 1e-6);
         println!(
-            "device {} ({dtype:?}): copy {:.0} GB/s, {m}x{m} matmul {:.1} TFLOP/s (the roofline ceilings below)",
+            "device {} ({dtype:?}): {how} {:.1} GB/s, {m}x{m} matmul {:.2} TFLOP/s (the roofline ceilings below)",
             common.device,
-            copy_bps / 1e9,
+            read_bps / 1e9,
             matmul_flops / 1e12
         );
-        Ok(Self { common: common.clone(), device, dtype, copy_bps, matmul_flops })
+        Ok(Self { common: common.clone(), device, dtype, read_bps, matmul_flops })
     }
 
     fn roofline_us(&self, bytes: f64, flops: f64) -> f64 {
-        (bytes / self.copy_bps).max(flops / self.matmul_flops) * 1e6
+        (bytes / self.read_bps).max(flops / self.matmul_flops) * 1e6
     }
 
     /// Runs the PyTorch eager peer on the same shapes: case name -> µs.
@@ -472,4 +499,147 @@ fn decode(c: &Ctx, batch: usize, context: usize) -> Result<ExitCode> {
         start.elapsed().as_secs_f64()
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// The machine's streaming read bandwidth in bytes/s: `bytes` of non-zero memory (real pages, not
+/// the shared zero page) summed as u64 by every core on its own contiguous share, best of `iters`
+/// passes after one warm-up. This is the ceiling a weight-streaming decode can reach.
+pub fn read_bandwidth(bytes: usize, iters: usize) -> f64 {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let n = bytes / 8;
+    let share = n.div_ceil(threads);
+    let mut buf = vec![0u64; n];
+    std::thread::scope(|s| {
+        for (t, c) in buf.chunks_mut(share).enumerate() {
+            s.spawn(move || {
+                for (i, v) in c.iter_mut().enumerate() {
+                    *v = ((t * share + i) as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+                }
+            });
+        }
+    });
+    fn sum(c: &[u64]) -> u64 {
+        let mut acc = [0u64; 8];
+        for ch in c.chunks_exact(8) {
+            for (a, v) in acc.iter_mut().zip(ch) {
+                *a = a.wrapping_add(*v);
+            }
+        }
+        acc.iter().fold(0, |a, b| a.wrapping_add(*b))
+    }
+    let mut best = 0f64;
+    for _ in 0..iters.max(1) + 1 {
+        let start = Instant::now();
+        let total = std::thread::scope(|s| {
+            let handles: Vec<_> = buf.chunks(share).map(|c| s.spawn(move || sum(c))).collect();
+            handles.into_iter().map(|h| h.join().unwrap_or(0)).fold(0u64, u64::wrapping_add)
+        });
+        std::hint::black_box(total);
+        best = best.max((n * 8) as f64 / start.elapsed().as_secs_f64());
+    }
+    best
+}
+
+/// Bytes of weights one decoded token reads: every tensor but the embedding (one row) and the
+/// experts the router did not choose (`top_k` of `moe_num_experts`); block-FP8 tensors at one
+/// byte per value plus their f32 scales, the rest at `dtype`'s size.
+fn active_bytes_per_token(cfg: &step3::TextConfig, dtype: DType, fp8: bool) -> f64 {
+    let expert_share = cfg.moe_top_k as f64 / cfg.moe_num_experts as f64;
+    step3::inventory::text_tensors(cfg)
+        .iter()
+        .filter(|t| t.name != "model.embed_tokens.weight")
+        .map(|t| {
+            let per = if fp8 && t.quantizable { 1.0 + 4.0 / (128.0 * 128.0) } else { dtype.size_in_bytes() as f64 };
+            let routed = t.name.contains(".moe.") && !t.name.contains(".moe.gate.");
+            t.numel() as f64 * per * if routed { expert_share } else { 1.0 }
+        })
+        .sum()
+}
+
+/// Prefill of `batch` prompts of `prompt` tokens, then `tokens` greedy steps; (prefill s, decode s).
+fn greedy_run(model: &step3::Step3TextModel, batch: usize, prompt: usize, tokens: usize) -> Result<(f64, f64)> {
+    let dev = Device::Cpu;
+    let vocab = model.config().vocab_size as u32;
+    let ids: Vec<u32> = (0..(batch * prompt) as u32).map(|i| i.wrapping_mul(2_654_435_761) % vocab).collect();
+    let mut cache = model.new_cache(batch, prompt + tokens)?;
+    let start = Instant::now();
+    let h = model.forward(&Tensor::from_vec(ids, (batch, prompt), &dev)?, &vec![prompt; batch], &mut cache, None)?;
+    let mut next = model.logits(&h.narrow(1, prompt - 1, 1)?)?.argmax(candle_core::D::Minus1)?;
+    next.to_vec2::<u32>()?;
+    let prefill = start.elapsed().as_secs_f64();
+    let start = Instant::now();
+    for _ in 0..tokens {
+        let h = model.forward(&next, &vec![1; batch], &mut cache, None)?;
+        next = model.logits(&h)?.argmax(candle_core::D::Minus1)?;
+        next.to_vec2::<u32>()?;
+    }
+    Ok((prefill, start.elapsed().as_secs_f64()))
+}
+
+fn decode_model(a: DecodeModelArgs) -> Result<ExitCode> {
+    if a.prompt == 0 || a.tokens == 0 || a.batch == 0 {
+        anyhow::bail!("--prompt, --tokens and --batch must be at least 1")
+    }
+    // Issue 15's checkpoint: the engine benchmark's ~200M model with a dense FFN of 1024, which
+    // makes 204M parameters, 89.5M of them active per token.
+    let mut cfg = crate::synthetic::bench_200m()?;
+    cfg.intermediate_size = 1024;
+    let p = step3::param_counts(&cfg);
+    let bw = read_bandwidth(1 << 30, 5);
+    println!(
+        "synthetic Step3: {:.1}M parameters, {:.1}M active per token; CPU kernels: {}",
+        p.total as f64 / 1e6,
+        p.active_per_token as f64 / 1e6,
+        step3::nn::cpu::describe()
+    );
+    println!("streaming read bandwidth (all {} cores, 1 GiB): {:.1} GB/s", rayon_threads(), bw / 1e9);
+    println!("prompt {}, {} greedy tokens; floor = bandwidth / active bytes per token", a.prompt, a.tokens);
+    println!(
+        "{:>7} {:>10} {:>12} {:>12} {:>10} {:>7} {:>14} {:>9}",
+        "weights",
+        "MB/token",
+        "prefill t/s",
+        "decode t/s",
+        "floor t/s",
+        "ratio",
+        format!("batch {} t/s", a.batch),
+        "vs batch 1"
+    );
+    for w in a.weights.split(',').map(str::trim) {
+        let (dtype, fp8) = match w {
+            "f32" => (DType::F32, false),
+            "bf16" => (DType::BF16, false),
+            "fp8" => (DType::BF16, true),
+            other => anyhow::bail!("--weights: `{other}` is not one of f32, bf16, fp8"),
+        };
+        let format = if fp8 {
+            step3::WeightFormat::BlockFp8 { block: [128, 128], dequantize_at_load: false }
+        } else {
+            step3::WeightFormat::Dense
+        };
+        let vb = candle_nn::VarBuilder::from_backend(
+            Box::new(crate::synthetic::Synthetic::new(&cfg, fp8).random()),
+            dtype,
+            Device::Cpu,
+        );
+        let model = step3::Step3TextModel::new(&cfg, format, vb)?;
+        let active = active_bytes_per_token(&cfg, dtype, fp8);
+        let (prefill, decode) = greedy_run(&model, 1, a.prompt, a.tokens)?;
+        let (_, decode_b) = greedy_run(&model, a.batch, a.prompt, a.tokens)?;
+        let tps = a.tokens as f64 / decode;
+        let floor = bw / active;
+        let tps_b = (a.batch * a.tokens) as f64 / decode_b;
+        println!(
+            "{w:>7} {:>10.1} {:>12.0} {tps:>12.1} {floor:>10.1} {:>6.2}x {tps_b:>14.1} {:>8.2}x",
+            active / 1e6,
+            a.prompt as f64 / prefill,
+            tps / floor,
+            tps_b / tps
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn rayon_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }

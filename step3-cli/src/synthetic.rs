@@ -38,6 +38,12 @@ impl Synthetic {
             return Tensor::randn(0f32, (1.0 / h.sqrt()) as f32, shape, dev)?.to_dtype(dtype);
         }
         if name.ends_with("_scale_inv") {
+            if self.random {
+                // Random e4m3 bytes average about 60 in magnitude: scales that make the weights
+                // about as large as the dense random ones (1/sqrt(fan-in)).
+                let fan_in = (*shape.last().unwrap_or(&1) * 128) as f64;
+                return Tensor::full((1.0 / (60.0 * fan_in.sqrt())) as f32, shape, dev);
+            }
             return Tensor::ones(shape, DType::F32, dev);
         }
         if self.random && dtype != DType::F8E4M3 {
@@ -49,7 +55,8 @@ impl Synthetic {
         }
         if dtype == DType::F8E4M3 {
             let n: usize = shape.iter().product();
-            return Tensor::from_raw_buffer(&vec![0u8; n], DType::F8E4M3, shape, dev);
+            let bytes = if self.random { random_e4m3_bytes(n, name.len() as u64) } else { vec![0u8; n] };
+            return Tensor::from_raw_buffer(&bytes, DType::F8E4M3, shape, dev);
         }
         Tensor::zeros(shape, dtype, dev)
     }
@@ -75,6 +82,19 @@ impl candle_nn::var_builder::SimpleBackend for Synthetic {
             None => self.tensors.contains_key(name),
         }
     }
+}
+
+/// `n` random finite e4m3 codes (exponent field below 15, so never a NaN).
+fn random_e4m3_bytes(n: usize, seed: u64) -> Vec<u8> {
+    let mut state = 0x9E37_79B9_7F4A_7C15u64 ^ seed.wrapping_mul(0xD1B5_4A32_D192_ED03);
+    (0..n)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state as u8) & 0b1111_0111
+        })
+        .collect()
 }
 
 /// A Step3 text config at real dimensions, divided by `scale` (hidden, query rank, heads, MLP and

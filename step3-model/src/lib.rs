@@ -60,6 +60,7 @@ pub use step3_config::{read_json, ConfigError, ModelType, QuantizationConfig, St
 pub use step3_mfa as mfa;
 pub use step3_moe as moe;
 pub use step3_moe::Routing;
+pub use step3_nn as nn;
 pub use step3_nn::{BlockFp8, Linear, Weight, WeightFormat};
 pub use step3_vision as vision;
 pub use step3_vision::{

@@ -2,8 +2,8 @@
 //!
 //! Tiles of 4 weight rows × 2 activation rows (8 accumulators of 8 lanes); the weight row is
 //! widened to f32 in registers (bf16: a 16-bit shift; f16: `vcvtph2ps`; e4m3: the byte moved into
-//! an f32's sign, exponent and mantissa fields and multiplied by its block scale · 2^120) and
-//! never written back. K tails (K not a multiple of 8) are finished in scalar code.
+//! an f16's fields, widened by `vcvtph2ps` and multiplied by its block scale · 2^8) and never
+//! written back. K tails (K not a multiple of 8) are finished in scalar code.
 
 use std::arch::x86_64::*;
 
@@ -52,30 +52,51 @@ unsafe fn load_f16(p: *const u16) -> __m256 {
     _mm256_cvtph_ps(_mm_loadu_si128(p.cast()))
 }
 
-/// Eight e4m3 bytes times their block scale: each byte sign-extended and shifted so that its 4
-/// exponent and 3 mantissa bits land in the low exponent and top mantissa bits of an f32 (whose
-/// value is then exactly `e4m3 · 2^-120`, a subnormal when the e4m3 is one), multiplied by
-/// `scale_2p120 = scale · 2^120` (one rounding: `f32(e4m3 · scale)`, what a dequantisation
-/// computes), optionally rounded to bf16/f16 (`RND`, see [`super::Round`]); the NaN codes
-/// (magnitude 0x7F) become NaN.
+/// Eight e4m3 bytes times their block scale. Each byte becomes an f16 bit pattern (sign to bit
+/// 15, the 4 exponent and 3 mantissa bits to bits 10-13 and 7-9) whose value is exactly
+/// `e4m3 · 2^-8`, subnormals included, and which `vcvtph2ps` widens without the slow path that
+/// subnormal f32 operands take in a multiply; the two NaN codes (magnitude 0x7F) become the f16
+/// NaN `0xFFFF` first. Then one multiply by `scale_2p8 = scale · 2^8` (one rounding:
+/// `f32(e4m3 · scale)`, what a dequantisation computes), optionally rounded to bf16/f16 (`RND`,
+/// see [`super::Round`]).
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn load_fp8<const RND: u8>(p: *const u8, scale_2p120: __m256) -> __m256 {
-    let v = _mm256_slli_epi32(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p.cast())), 20);
-    let bits = _mm256_and_si256(v, _mm256_set1_epi32(0x87F0_0000u32 as i32));
-    let mut f = _mm256_mul_ps(_mm256_castsi256_ps(bits), scale_2p120);
+unsafe fn load_fp8<const RND: u8>(p: *const u8, scale_2p8: __m256) -> __m256 {
+    let h = _mm_slli_epi16(_mm_cvtepi8_epi16(_mm_loadl_epi64(p.cast())), 7);
+    let h = _mm_and_si128(h, _mm_set1_epi16(0xBFFFu16 as i16));
+    let nan = _mm_cmpeq_epi16(_mm_and_si128(h, _mm_set1_epi16(0x7FFF)), _mm_set1_epi16(0x3F80));
+    scaled::<RND>(_mm256_cvtph_ps(_mm_or_si128(h, nan)), scale_2p8)
+}
+
+/// [`load_fp8`] for sixteen bytes: the byte-to-f16 steps on one 256-bit register.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn load_fp8x16<const RND: u8>(p: *const u8, scale_2p8: __m256) -> (__m256, __m256) {
+    let h = _mm256_slli_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128(p.cast())), 7);
+    let h = _mm256_and_si256(h, _mm256_set1_epi16(0xBFFFu16 as i16));
+    let nan = _mm256_cmpeq_epi16(_mm256_and_si256(h, _mm256_set1_epi16(0x7FFF)), _mm256_set1_epi16(0x3F80));
+    let h = _mm256_or_si256(h, nan);
+    let lo = scaled::<RND>(_mm256_cvtph_ps(_mm256_castsi256_si128(h)), scale_2p8);
+    let hi = scaled::<RND>(_mm256_cvtph_ps(_mm256_extracti128_si256(h, 1)), scale_2p8);
+    (lo, hi)
+}
+
+/// `f · scale_2p8`, rounded as `RND` says.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn scaled<const RND: u8>(f: __m256, scale_2p8: __m256) -> __m256 {
+    let mut f = _mm256_mul_ps(f, scale_2p8);
     if RND == ROUND_BF16 {
-        // Round to nearest even on the upper 16 bits (finite values).
+        // Round to nearest even on the upper 16 bits (finite values; NaN stays NaN).
         let b = _mm256_castps_si256(f);
         let lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
-        let b = _mm256_add_epi32(b, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF)));
-        f = _mm256_castsi256_ps(_mm256_and_si256(b, _mm256_set1_epi32(0xFFFF_0000u32 as i32)));
+        let r = _mm256_add_epi32(b, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF)));
+        let r = _mm256_castsi256_ps(_mm256_and_si256(r, _mm256_set1_epi32(0xFFFF_0000u32 as i32)));
+        f = _mm256_blendv_ps(r, f, _mm256_cmp_ps(f, f, _CMP_UNORD_Q));
     } else if RND == ROUND_F16 {
         f = _mm256_cvtph_ps(_mm256_cvtps_ph(f, _MM_FROUND_TO_NEAREST_INT));
     }
-    let mag = _mm256_and_si256(v, _mm256_set1_epi32(0x07F0_0000));
-    let nan = _mm256_cmpeq_epi32(mag, _mm256_set1_epi32(0x07F0_0000));
-    _mm256_or_ps(f, _mm256_castsi256_ps(nan))
+    f
 }
 
 const ROUND_NONE: u8 = 0;
@@ -179,7 +200,7 @@ unsafe fn fp8_tile<const R: usize, const X: usize, const RND: u8>(
     round: Round,
 ) -> [[f32; X]; R] {
     let table = e4m3_table();
-    let two_120 = f32::from_bits((127 + 120) << 23);
+    let two_8 = 256f32;
     let mut acc = [[_mm256_setzero_ps(); X]; R];
     let kv = k & !7;
     let mut c = 0;
@@ -188,7 +209,24 @@ unsafe fn fp8_tile<const R: usize, const X: usize, const RND: u8>(
         let end = (c + bw).min(kv);
         let mut sv = [_mm256_setzero_ps(); R];
         for (i, s) in sv.iter_mut().enumerate() {
-            *s = _mm256_set1_ps(*scale_rows[i].add(b) * two_120);
+            *s = _mm256_set1_ps(*scale_rows[i].add(b) * two_8);
+        }
+        // Sixteen at a time, accumulated in the same order as eight at a time.
+        while c + 16 <= end {
+            let mut x0 = [_mm256_setzero_ps(); X];
+            let mut x1 = [_mm256_setzero_ps(); X];
+            for j in 0..X {
+                x0[j] = _mm256_loadu_ps(x.add(j * k + c));
+                x1[j] = _mm256_loadu_ps(x.add(j * k + c + 8));
+            }
+            for (i, a) in acc.iter_mut().enumerate() {
+                let (w0, w1) = load_fp8x16::<RND>(w.add(i * k + c), sv[i]);
+                for j in 0..X {
+                    a[j] = _mm256_fmadd_ps(w0, x0[j], a[j]);
+                    a[j] = _mm256_fmadd_ps(w1, x1[j], a[j]);
+                }
+            }
+            c += 16;
         }
         while c < end {
             let mut xv = [_mm256_setzero_ps(); X];
