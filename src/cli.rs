@@ -37,6 +37,16 @@ pub struct ModelArgs {
     /// preprocessor_config.json, else 504).
     #[arg(long)]
     pub crop_size: Option<usize>,
+    /// How the decoder is split over ranks and where the routed experts live.
+    #[command(flatten)]
+    pub parallel: ParallelArgs,
+}
+
+/// Tensor / expert parallelism and expert placement (`--tp --ep --devices --moe-device
+/// --n-cpu-moe`): shared by every command that loads a model, `verify`, `inspect`'s memory plan and
+/// `bench engine`.
+#[derive(Args, Clone, Debug, Default)]
+pub struct ParallelArgs {
     /// Tensor parallelism: split attention heads and every MLP's columns over N ranks (one
     /// thread each; on CUDA one GPU each). N must divide the 64 heads and the MLP widths.
     #[arg(long, default_value_t = 1, value_parser = positive, allow_negative_numbers = true)]
@@ -55,6 +65,28 @@ pub struct ModelArgs {
     /// Keep the routed experts of the first K MoE layers in host memory (see --moe-device).
     #[arg(long)]
     pub n_cpu_moe: Option<usize>,
+}
+
+impl ParallelArgs {
+    /// The rank layout of `--tp`, `--ep` and `--devices` (checked against the model at load).
+    pub fn layout(&self) -> Result<crate::Layout> {
+        Ok(crate::Layout::new(self.tp, self.ep, self.devices.clone())?)
+    }
+
+    /// Where the routed experts live (`--moe-device`, `--n-cpu-moe`).
+    pub fn expert_placement(&self) -> Result<crate::ExpertPlacement> {
+        Ok(match (self.moe_device.as_str(), self.n_cpu_moe) {
+            (_, Some(k)) => crate::ExpertPlacement::HostFirst(k),
+            ("device" | "gpu" | "cuda", None) => crate::ExpertPlacement::Device,
+            ("cpu" | "host", None) => crate::ExpertPlacement::Host,
+            (other, None) => bail!("--moe-device must be `device` or `cpu`, not `{other}`"),
+        })
+    }
+
+    /// One rank with every expert on it: the unsplit model.
+    pub fn is_single(&self) -> bool {
+        self.tp * self.ep == 1 && self.moe_device == "device" && self.n_cpu_moe.is_none()
+    }
 }
 
 impl ModelArgs {
@@ -88,21 +120,6 @@ impl ModelArgs {
         }
     }
 
-    /// The rank layout of `--tp`, `--ep` and `--devices` (checked against the model at load).
-    pub fn layout(&self) -> Result<crate::Layout> {
-        Ok(crate::Layout::new(self.tp, self.ep, self.devices.clone())?)
-    }
-
-    /// Where the routed experts live (`--moe-device`, `--n-cpu-moe`).
-    pub fn expert_placement(&self) -> Result<crate::ExpertPlacement> {
-        Ok(match (self.moe_device.as_str(), self.n_cpu_moe) {
-            (_, Some(k)) => crate::ExpertPlacement::HostFirst(k),
-            ("device" | "gpu" | "cuda", None) => crate::ExpertPlacement::Device,
-            ("cpu" | "host", None) => crate::ExpertPlacement::Host,
-            (other, None) => bail!("--moe-device must be `device` or `cpu`, not `{other}`"),
-        })
-    }
-
     /// Load options with a progress bar on stderr.
     pub fn load_options(&self) -> Result<LoadOptions> {
         let fp8 = match self.fp8.as_str() {
@@ -117,8 +134,8 @@ impl ModelArgs {
             fp8,
             crop_size: self.crop_size,
             progress: Some(load_progress()),
-            layout: self.layout()?,
-            experts: self.expert_placement()?,
+            layout: self.parallel.layout()?,
+            experts: self.parallel.expert_placement()?,
         })
     }
 

@@ -52,15 +52,10 @@ pub struct EngineBenchArgs {
     /// inter-token latency, decode rate).
     #[arg(long)]
     per_request: bool,
-    /// With --model-dir: tensor parallelism over N ranks (see docs/multi-device.md).
-    #[arg(long, default_value_t = 1)]
-    tp: usize,
-    /// With --model-dir: expert parallelism over M groups of --tp ranks.
-    #[arg(long, default_value_t = 1)]
-    ep: usize,
-    /// With --model-dir: `cpu` keeps the routed experts in host memory, computed on the CPU.
-    #[arg(long, default_value = "device")]
-    moe_device: String,
+    /// With --model-dir: the decoder split over ranks and/or the routed experts in host memory
+    /// (see docs/multi-device.md).
+    #[command(flatten)]
+    parallel: step3::cli::ParallelArgs,
 }
 
 /// Weight elements a decode step of `c` sequences streams: everything but the embedding, with
@@ -115,19 +110,17 @@ pub fn run(a: EngineBenchArgs) -> Result<ExitCode> {
     };
     let (engine, what) = match &a.model_dir {
         Some(dir) => {
-            let experts = match a.moe_device.as_str() {
-                "device" | "gpu" | "cuda" => step3::ExpertPlacement::Device,
-                "cpu" | "host" => step3::ExpertPlacement::Host,
-                other => anyhow::bail!("--moe-device must be `device` or `cpu`, not `{other}`"),
-            };
-            let layout = step3::Layout::new(a.tp, a.ep, None)?;
-            let what = format!("{} (tp {} × ep {}, experts {})", dir.display(), a.tp, a.ep, a.moe_device);
+            let experts = a.parallel.expert_placement()?;
+            let layout = a.parallel.layout()?;
+            let what = format!("{} (tp {} × ep {}, experts {experts:?})", dir.display(), layout.tp, layout.ep);
             let opts = step3::LoadOptions { dtype, device: device.clone(), layout, experts, ..Default::default() };
             (Engine::load(dir, &opts, config)?, what)
         }
         None => {
-            if a.tp * a.ep > 1 || a.moe_device != "device" {
-                anyhow::bail!("--tp, --ep and --moe-device need --model-dir (the synthetic model is built unsharded)");
+            if !a.parallel.is_single() {
+                anyhow::bail!(
+                    "--tp, --ep, --moe-device and --n-cpu-moe need --model-dir (the synthetic model is built unsharded)"
+                );
             }
             let cfg = crate::synthetic::bench_200m()?;
             let vb = candle_nn::VarBuilder::from_backend(

@@ -26,18 +26,10 @@ pub struct InspectArgs {
     /// The device the estimate is for: cpu or cuda (only its default dtype matters here).
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// Plan a tensor-parallel deployment over N ranks: memory per device (see docs/multi-device.md).
-    #[arg(long, default_value_t = 1)]
-    tp: usize,
-    /// Plan an expert-parallel deployment over M groups of --tp ranks.
-    #[arg(long, default_value_t = 1)]
-    ep: usize,
-    /// Plan with the routed experts in host memory: `cpu` (all MoE layers) or `device`.
-    #[arg(long, default_value = "device", conflicts_with = "n_cpu_moe")]
-    moe_device: String,
-    /// Plan with the routed experts of the first K MoE layers in host memory.
-    #[arg(long)]
-    n_cpu_moe: Option<usize>,
+    /// The deployment to plan memory for (`--tp`, `--ep`, `--moe-device`, `--n-cpu-moe`; see
+    /// docs/multi-device.md).
+    #[command(flatten)]
+    parallel: step3::cli::ParallelArgs,
     /// Memory of each device in GiB: prints what is left for the KV cache and how many tokens fit.
     #[arg(long)]
     device_memory_gib: Option<f64>,
@@ -124,8 +116,7 @@ pub fn run(a: InspectArgs) -> Result<ExitCode> {
         .as_ref()
         .map(|c| (c.resident_bytes(dtype, Fp8Storage::Compact), c.resident_bytes(dtype, Fp8Storage::Dequantized)));
 
-    let wants_plan =
-        a.tp * a.ep > 1 || a.moe_device != "device" || a.n_cpu_moe.is_some() || a.device_memory_gib.is_some() || a.fp8;
+    let wants_plan = !a.parallel.is_single() || a.device_memory_gib.is_some() || a.fp8;
     let device_plan = if wants_plan {
         Some(plan(&a, t, config.quantization.as_ref().map(|q| q.weight_block_size), dtype)?)
     } else {
@@ -261,21 +252,16 @@ fn plan(
     block: Option<[usize; 2]>,
     dtype: step3::DType,
 ) -> Result<(serde_json::Value, Vec<String>, bool)> {
-    let layout = step3::Layout::new(a.tp, a.ep, None)?;
-    let placement = match (a.moe_device.as_str(), a.n_cpu_moe) {
-        (_, Some(k)) => step3::ExpertPlacement::HostFirst(k),
-        ("device" | "gpu" | "cuda", None) => step3::ExpertPlacement::Device,
-        ("cpu" | "host", None) => step3::ExpertPlacement::Host,
-        (other, None) => bail!("--moe-device must be `device` or `cpu`, not `{other}`"),
-    };
+    let layout = a.parallel.layout()?;
+    let placement = a.parallel.expert_placement()?;
     let block = block.or(a.fp8.then_some([128, 128]));
     let what = match block {
         Some(b) => format!("block-FP8 ({}x{}) linear weights, other weights in {dtype:?}", b[0], b[1]),
         None => format!("{dtype:?} weights"),
     };
     if let Err(e) = step3::check_layout(t, &layout, block) {
-        let line = format!("layout          tp {} x ep {}: cannot run: {e}", a.tp, a.ep);
-        return Ok((json!({ "tp": a.tp, "ep": a.ep, "error": e.to_string() }), vec![line], false));
+        let line = format!("layout          tp {} x ep {}: cannot run: {e}", layout.tp, layout.ep);
+        return Ok((json!({ "tp": layout.tp, "ep": layout.ep, "error": e.to_string() }), vec![line], false));
     }
     let plan = step3::shard::memory_plan(t, &layout, placement, dtype.size_in_bytes(), block);
     let budget = a.device_memory_gib.map(|g| (g * (1u64 << 30) as f64) as u64);
@@ -292,11 +278,11 @@ fn plan(
             })
         })
         .collect();
-    let value = json!({ "tp": a.tp, "ep": a.ep, "weights": what, "ranks": ranks });
+    let value = json!({ "tp": layout.tp, "ep": layout.ep, "weights": what, "ranks": ranks });
     let mut lines = vec![format!(
         "layout          tp {} x ep {} = {} device(s); {what}; routed experts {}",
-        a.tp,
-        a.ep,
+        layout.tp,
+        layout.ep,
         layout.world(),
         match placement {
             step3::ExpertPlacement::Device => "on the devices".to_string(),

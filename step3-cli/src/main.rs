@@ -154,16 +154,10 @@ struct VerifyArgs {
     /// f32 or bf16.
     #[arg(long, default_value = "f32")]
     dtype: String,
-    /// Also check the text goldens with the decoder split over TP ranks (thread backend, or
-    /// NCCL in a build with the `nccl` feature).
-    #[arg(long, default_value_t = 1)]
-    tp: usize,
-    /// Also check them with the routed experts split over EP groups.
-    #[arg(long, default_value_t = 1)]
-    ep: usize,
-    /// `cpu`: also check them with the routed experts in host memory, computed on the CPU.
-    #[arg(long, default_value = "device")]
-    moe_device: String,
+    /// Also check the text goldens with the decoder split over ranks (thread backend, or NCCL in
+    /// a build with the `nccl` feature) and/or the routed experts in host memory.
+    #[command(flatten)]
+    parallel: step3::cli::ParallelArgs,
 }
 
 fn main() -> ExitCode {
@@ -261,12 +255,8 @@ fn generate(a: GenerateArgs) -> Result<ExitCode> {
 fn verify(a: VerifyArgs) -> Result<ExitCode> {
     let dtype = step3::parse_dtype(&a.dtype)?;
     let device = step3::parse_device(&a.device)?;
-    let experts = match a.moe_device.as_str() {
-        "device" | "gpu" | "cuda" => step3::ExpertPlacement::Device,
-        "cpu" | "host" => step3::ExpertPlacement::Host,
-        other => anyhow::bail!("--moe-device must be `device` or `cpu`, not `{other}`"),
-    };
-    let layout = step3::Layout::new(a.tp, a.ep, None)?;
+    let experts = a.parallel.expert_placement()?;
+    let layout = a.parallel.layout()?;
     let mut checks = step3_cli::verify::verify_fixtures(&a.fixtures, dtype, &device)?;
     if !layout.is_single() || experts != step3::ExpertPlacement::Device {
         checks.extend(step3_cli::verify::verify_sharded(&a.fixtures, dtype, &device, &layout, experts)?);
