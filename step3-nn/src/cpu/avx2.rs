@@ -128,11 +128,24 @@ macro_rules! dense_kernel {
         /// One tile: `R` weight rows from `w` (row stride `k`) against `X` activation rows from
         /// `x` (row stride `k`).
         #[target_feature(enable = $feat)]
-        unsafe fn $tile<const R: usize, const X: usize>(x: *const f32, k: usize, w: *const $t) -> [[f32; X]; R] {
+        unsafe fn $tile<const R: usize, const X: usize>(
+            x: *const f32,
+            k: usize,
+            w: *const $t,
+            prefetch: bool,
+        ) -> [[f32; X]; R] {
             let mut acc = [[_mm256_setzero_ps(); X]; R];
             let kv = k & !7;
             let mut c = 0;
             while c < kv {
+                // On the first pass over these weight rows, ask for the next tile's rows too, one
+                // cache line at a time: later passes (more activation rows) then compute from
+                // cache while memory keeps streaming, instead of memory waiting for them.
+                if prefetch && (c * std::mem::size_of::<$t>()) % 64 == 0 {
+                    for i in 0..R {
+                        _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add((R + i) * k + c).cast());
+                    }
+                }
                 let mut xv = [_mm256_setzero_ps(); X];
                 for (j, v) in xv.iter_mut().enumerate() {
                     *v = _mm256_loadu_ps(x.add(j * k + c));
@@ -169,11 +182,12 @@ macro_rules! dense_kernel {
                 while j < m {
                     let xp = x.as_ptr().add(j * k);
                     let two = m - j >= 2;
+                    let pf = j == 0 && r + 8 <= r1;
                     match (four, two) {
-                        (true, true) => store(&$tile::<4, 2>(xp, k, wp), out, m, row, j),
-                        (true, false) => store(&$tile::<4, 1>(xp, k, wp), out, m, row, j),
-                        (false, true) => store(&$tile::<1, 2>(xp, k, wp), out, m, row, j),
-                        (false, false) => store(&$tile::<1, 1>(xp, k, wp), out, m, row, j),
+                        (true, true) => store(&$tile::<4, 2>(xp, k, wp, pf), out, m, row, j),
+                        (true, false) => store(&$tile::<4, 1>(xp, k, wp, pf), out, m, row, j),
+                        (false, true) => store(&$tile::<1, 2>(xp, k, wp, false), out, m, row, j),
+                        (false, false) => store(&$tile::<1, 1>(xp, k, wp, false), out, m, row, j),
                     }
                     j += if two { 2 } else { 1 };
                 }
