@@ -222,18 +222,14 @@ pub fn write_checkpoint(dir: &std::path::Path, cfg: &TextConfig, dtype: DType, f
     let mut tensors = HashMap::new();
     for t in text_tensors(cfg) {
         if fp8 && t.quantizable {
-            // Values N(0, 1) in e4m3, one scale 1/sqrt(fan-in) per block: the weight's scale.
-            let fan_in = *t.shape.last().unwrap_or(&1) as f64;
-            let values =
-                Tensor::randn(0f32, 1.0, t.shape.as_slice(), &dev)?.clamp(-448f32, 448f32)?.to_dtype(DType::F8E4M3)?;
+            // Random finite e4m3 codes and block scales that size them like the dense weights.
             let scale_dims = BlockFp8::scale_dims(&t.shape, [128, 128])
                 .with_context(|| format!("{}: FP8 needs dimensions the 128×128 blocks can cover", t.name))?;
-            let scale = (Tensor::ones(scale_dims, DType::F32, &dev)? * (1.0 / fan_in.sqrt()))?;
-            tensors.insert(format!("{}_scale_inv", t.name), scale);
-            tensors.insert(t.name, values);
+            let scale_name = format!("{}_scale_inv", t.name);
+            tensors.insert(scale_name.clone(), synthetic.make(&scale_name, &scale_dims, DType::F32, &dev)?);
+            tensors.insert(t.name.clone(), synthetic.make(&t.name, &t.shape, DType::F8E4M3, &dev)?);
         } else {
-            let v = synthetic.make(&t.name, &t.shape, dtype, &dev)?;
-            tensors.insert(t.name, v);
+            tensors.insert(t.name.clone(), synthetic.make(&t.name, &t.shape, dtype, &dev)?);
         }
     }
     let path = dir.join("model.safetensors");

@@ -4,7 +4,7 @@ use candle_nn::VarBuilder;
 use float8::F8E4M3;
 use rayon::prelude::*;
 
-use crate::cpu::{self, Round, WeightSlice};
+use crate::cpu::{self, e4m3_table, Round, WeightSlice};
 
 /// How the checkpoint stores the weights of layers that may be quantised.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -298,8 +298,6 @@ impl BlockFp8 {
         (self.values.to_dtype(DType::F32)? * scale)?.to_dtype(self.dtype)
     }
 }
-
-use cpu::e4m3_table;
 
 /// CPU block dequantisation: one table lookup and one multiply per element, rows in parallel.
 struct Dequant {
