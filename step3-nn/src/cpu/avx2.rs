@@ -1,9 +1,13 @@
 //! The AVX2 + FMA kernels (F16C for f16 weights).
 //!
-//! Tiles of 4 weight rows × 2 activation rows (8 accumulators of 8 lanes); the weight row is
-//! widened to f32 in registers (bf16: a 16-bit shift; f16: `vcvtph2ps`; e4m3: the byte moved into
-//! an f16's fields, widened by `vcvtph2ps` and multiplied by its block scale · 2^8) and never
-//! written back. K tails (K not a multiple of 8) are finished in scalar code.
+//! Two paths with the same arithmetic. For one or two activation rows (decode): tiles of 4
+//! weight rows × 2 activation rows (8 accumulators of 8 lanes), the weight widened to f32 in
+//! registers (bf16: a 16-bit shift; f16: `vcvtph2ps`; e4m3: the byte moved into an f16's fields,
+//! widened by `vcvtph2ps` and multiplied by its block scale · 2^8) and never written back. For
+//! more rows (batched decode) the [`packed`] path widens each 4-row tile once, a few hundred
+//! columns at a time, into a scratch in L1 and runs every activation row over it. Either way
+//! each output accumulates the same products in the same order, and K tails (K not a multiple of
+//! 8) are finished in scalar code.
 
 use std::arch::x86_64::*;
 
@@ -14,6 +18,9 @@ use super::{e4m3_table, Round, WeightSlice};
 /// `[n, k]` with `r1 <= n`, `out` is `[r1 - r0, m]`.
 #[target_feature(enable = "avx2,fma")]
 pub(super) unsafe fn rows(x: &[f32], m: usize, k: usize, w: WeightSlice, r0: usize, r1: usize, out: &mut [f32]) {
+    if m >= packed_rows(&w) {
+        return packed(x, m, k, w, r0, r1, out);
+    }
     match w {
         WeightSlice::F32(w) => dense_f32(x, m, k, w.as_ptr(), r0, r1, out),
         WeightSlice::Bf16(w) => dense_bf16(x, m, k, w.as_ptr().cast(), r0, r1, out),
@@ -312,5 +319,258 @@ unsafe fn fp8<const RND: u8>(
             j += if two { 2 } else { 1 };
         }
         r += if four { 4 } else { 1 };
+    }
+}
+
+/// Activation rows from which [`rows`] takes the packed path (measured on Zen 3: below these,
+/// widening in registers on every pass costs less than the scratch round trip).
+fn packed_rows(w: &WeightSlice) -> usize {
+    match w {
+        WeightSlice::F32(_) | WeightSlice::Fp8 { .. } => 3,
+        WeightSlice::Bf16(_) | WeightSlice::F16(_) => 8,
+    }
+}
+
+/// Columns of a packed chunk: four rows of them in f32 (4 KiB) and the activation rows' slice
+/// stay in L1 while every activation row passes over them.
+const KC: usize = 256;
+
+/// Weight rows of a packed tile.
+const PR: usize = 4;
+
+/// The packed path for several activation rows: each tile of [`PR`] weight rows is widened to
+/// f32 [`KC`] columns at a time into a small scratch (bf16, f16 and FP8 once per tile instead of
+/// once per pass; f32 is used in place), and every activation row then runs over that chunk from
+/// L1, three rows at a time. The accumulators of all rows live in a buffer between chunks, so each
+/// output's sequence of multiply-adds (and its horizontal sum and scalar K tail) is exactly the
+/// one the one-row path does: results do not depend on `M` or on how the rows are tiled.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn packed(x: &[f32], m: usize, k: usize, w: WeightSlice, r0: usize, r1: usize, out: &mut [f32]) {
+    let table = e4m3_table();
+    let kv = k & !7;
+    let mut scratch = [0f32; PR * KC];
+    let mut acc = vec![_mm256_setzero_ps(); PR * m];
+    // The activations chunk by chunk, each chunk's rows contiguous (`[len]` apart): rows `k`
+    // apart alias in L1 when `k` is a multiple of 1024 (Step3's widths all are).
+    let mut xs = vec![0f32; m * kv];
+    let mut c0 = 0;
+    while c0 < kv {
+        let len = KC.min(kv - c0);
+        for j in 0..m {
+            xs[c0 * m + j * len..][..len].copy_from_slice(&x[j * k + c0..][..len]);
+        }
+        c0 += len;
+    }
+    let mut r = r0;
+    while r < r1 {
+        let rows = (r1 - r).min(PR);
+        acc.fill(_mm256_setzero_ps());
+        let mut c0 = 0;
+        while c0 < kv {
+            let len = KC.min(kv - c0);
+            // The chunk's weights as f32 (pointer, row stride), and where the same columns of the
+            // next tile's rows are (prefetched during the first pass: the passes for further
+            // activation rows then compute from cache while memory keeps streaming).
+            let next = r + 2 * PR <= r1;
+            let (wp, ws, pf) = match w {
+                WeightSlice::F32(w) => {
+                    let p = w.as_ptr().add(r * k + c0);
+                    (p, k, Prefetch::new(next, p.wrapping_add(PR * k).cast(), k * 4, 4))
+                }
+                WeightSlice::Bf16(w) => {
+                    let p = w.as_ptr().cast::<u16>().add(r * k + c0);
+                    pack_bf16(p, k, rows, len, &mut scratch);
+                    (scratch.as_ptr(), KC, Prefetch::new(next, p.wrapping_add(PR * k).cast(), k * 2, 2))
+                }
+                WeightSlice::F16(w) => {
+                    let p = w.as_ptr().cast::<u16>().add(r * k + c0);
+                    pack_f16(p, k, rows, len, &mut scratch);
+                    (scratch.as_ptr(), KC, Prefetch::new(next, p.wrapping_add(PR * k).cast(), k * 2, 2))
+                }
+                WeightSlice::Fp8 { values, scales, block, round } => {
+                    let cb = k.div_ceil(block[1]);
+                    for i in 0..rows {
+                        let srow = scales.as_ptr().add(((r + i) / block[0]) * cb);
+                        let src = values.as_ptr().add((r + i) * k);
+                        let dst = scratch.as_mut_ptr().add(i * KC);
+                        match round {
+                            Round::None => pack_fp8::<ROUND_NONE>(src, srow, block[1], c0, len, dst),
+                            Round::Bf16 => pack_fp8::<ROUND_BF16>(src, srow, block[1], c0, len, dst),
+                            Round::F16 => pack_fp8::<ROUND_F16>(src, srow, block[1], c0, len, dst),
+                        }
+                    }
+                    let p = values.as_ptr().add((r + PR) * k + c0);
+                    (scratch.as_ptr(), KC, Prefetch::new(next, p, k, 1))
+                }
+            };
+            let mut j = 0;
+            while j < m {
+                let xp = xs.as_ptr().add(c0 * m + j * len);
+                let a = acc.as_mut_ptr().add(j);
+                let pf = if j == 0 { pf } else { Prefetch::NONE };
+                match (rows == PR, m - j) {
+                    (true, 1) => run_chunk::<PR, 1>(xp, len, wp, ws, len, a, m, pf),
+                    (true, 2) => run_chunk::<PR, 2>(xp, len, wp, ws, len, a, m, pf),
+                    (true, _) => run_chunk::<PR, 3>(xp, len, wp, ws, len, a, m, pf),
+                    (false, 1) => run_rows::<1>(xp, len, wp, ws, len, a, m, rows),
+                    (false, 2) => run_rows::<2>(xp, len, wp, ws, len, a, m, rows),
+                    (false, _) => run_rows::<3>(xp, len, wp, ws, len, a, m, rows),
+                }
+                j += (m - j).min(3);
+            }
+            c0 += len;
+        }
+        // Horizontal sums, then the K tail in scalar code, in the one-row path's order.
+        for i in 0..rows {
+            let row = r + i;
+            for j in 0..m {
+                let mut s = hsum(acc[i * m + j]);
+                let xr = x.as_ptr().add(j * k);
+                for c in kv..k {
+                    let wv = match w {
+                        WeightSlice::F32(w) => w[row * k + c],
+                        WeightSlice::Bf16(w) => w[row * k + c].to_f32(),
+                        WeightSlice::F16(w) => w[row * k + c].to_f32(),
+                        WeightSlice::Fp8 { values, scales, block, round } => {
+                            let s = scales[(row / block[0]) * k.div_ceil(block[1]) + c / block[1]];
+                            round.apply(table[values[row * k + c] as usize] * s)
+                        }
+                    };
+                    s += *xr.add(c) * wv;
+                }
+                out[(row - r0) * m + j] = s;
+            }
+        }
+        r += rows;
+    }
+}
+
+/// [`PR`] weight rows to prefetch alongside a pass: from `p`, `stride` bytes apart, `bytes`
+/// bytes per column; none when `p` is null.
+#[derive(Clone, Copy)]
+struct Prefetch {
+    p: *const u8,
+    stride: usize,
+    bytes: usize,
+}
+
+impl Prefetch {
+    const NONE: Self = Self { p: std::ptr::null(), stride: 0, bytes: 0 };
+
+    fn new(on: bool, p: *const u8, stride: usize, bytes: usize) -> Self {
+        if on {
+            Self { p, stride, bytes }
+        } else {
+            Self::NONE
+        }
+    }
+}
+
+/// `X` activation rows (stride `k`) against `R` f32 weight rows (stride `ws`) over `len` columns,
+/// accumulating into `acc[i·m + j]`.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn run_chunk<const R: usize, const X: usize>(
+    x: *const f32,
+    k: usize,
+    w: *const f32,
+    ws: usize,
+    len: usize,
+    acc: *mut __m256,
+    m: usize,
+    pf: Prefetch,
+) {
+    let mut a = [[_mm256_setzero_ps(); X]; R];
+    for (i, ai) in a.iter_mut().enumerate() {
+        for (j, v) in ai.iter_mut().enumerate() {
+            *v = *acc.add(i * m + j);
+        }
+    }
+    let mut c = 0;
+    while c < len {
+        if !pf.p.is_null() && (c * pf.bytes) % 64 == 0 {
+            for i in 0..PR {
+                _mm_prefetch::<_MM_HINT_T0>(pf.p.wrapping_add(i * pf.stride + c * pf.bytes).cast());
+            }
+        }
+        let mut xv = [_mm256_setzero_ps(); X];
+        for (j, v) in xv.iter_mut().enumerate() {
+            *v = _mm256_loadu_ps(x.add(j * k + c));
+        }
+        for (i, ai) in a.iter_mut().enumerate() {
+            let wv = _mm256_loadu_ps(w.add(i * ws + c));
+            for (v, xv) in ai.iter_mut().zip(&xv) {
+                *v = _mm256_fmadd_ps(wv, *xv, *v);
+            }
+        }
+        c += 8;
+    }
+    for (i, ai) in a.iter().enumerate() {
+        for (j, v) in ai.iter().enumerate() {
+            *acc.add(i * m + j) = *v;
+        }
+    }
+}
+
+/// [`run_chunk`] for a last tile of fewer than [`PR`] rows, one row at a time.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn run_rows<const X: usize>(
+    x: *const f32,
+    k: usize,
+    w: *const f32,
+    ws: usize,
+    len: usize,
+    acc: *mut __m256,
+    m: usize,
+    rows: usize,
+) {
+    for i in 0..rows {
+        run_chunk::<1, X>(x, k, w.add(i * ws), ws, len, acc.add(i * m), m, Prefetch::NONE);
+    }
+}
+
+macro_rules! pack_dense {
+    ($name:ident, $feat:literal, $load:ident) => {
+        /// `rows` weight rows (stride `k`) widened to f32 into `dst` (stride [`KC`]), `len` columns.
+        #[target_feature(enable = $feat)]
+        unsafe fn $name(w: *const u16, k: usize, rows: usize, len: usize, dst: &mut [f32; PR * KC]) {
+            for i in 0..rows {
+                let src = w.add(i * k);
+                let d = dst.as_mut_ptr().add(i * KC);
+                let mut c = 0;
+                while c < len {
+                    _mm256_storeu_ps(d.add(c), $load(src.add(c)));
+                    c += 8;
+                }
+            }
+        }
+    };
+}
+
+pack_dense!(pack_bf16, "avx2,fma", load_bf16);
+pack_dense!(pack_f16, "avx2,fma,f16c", load_f16);
+
+/// Columns `c0..c0 + len` of one FP8 row dequantised into `dst` (see [`load_fp8`]); `c0` and
+/// `len` are multiples of 8, as is the block width `bw`.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn pack_fp8<const RND: u8>(src: *const u8, srow: *const f32, bw: usize, c0: usize, len: usize, dst: *mut f32) {
+    let end = c0 + len;
+    let mut c = c0;
+    while c < end {
+        let b = c / bw;
+        let block_end = ((b + 1) * bw).min(end);
+        let sv = _mm256_set1_ps(*srow.add(b) * 256f32);
+        while c + 16 <= block_end {
+            let (lo, hi) = load_fp8x16::<RND>(src.add(c), sv);
+            _mm256_storeu_ps(dst.add(c - c0), lo);
+            _mm256_storeu_ps(dst.add(c - c0 + 8), hi);
+            c += 16;
+        }
+        while c < block_end {
+            _mm256_storeu_ps(dst.add(c - c0), load_fp8::<RND>(src.add(c), sv));
+            c += 8;
+        }
     }
 }

@@ -379,13 +379,17 @@ mod tests {
         for code in 0..256 {
             values[code * k + 5] = code as u8;
         }
-        let mut x = vec![0f32; k];
-        x[5] = 1.0;
+        // Three identical rows: the one-row and the packed paths.
+        let mut x = vec![0f32; 3 * k];
+        for j in 0..3 {
+            x[j * k + 5] = 1.0;
+        }
         let scales = vec![0.5f32; n.div_ceil(128) * k.div_ceil(16)];
-        for isa in Isa::available() {
+        for (isa, m) in Isa::available().into_iter().flat_map(|isa| [(isa, 1), (isa, 3)]) {
             let w = WeightSlice::Fp8 { values: &values, scales: &scales, block: [128, 16], round: Round::None };
-            let y = matmul_t_with(isa, &x, 1, k, w, n);
-            for (code, &got) in y.iter().enumerate() {
+            let y = matmul_t_with(isa, &x[..m * k], m, k, w, n);
+            for (i, &got) in y.iter().enumerate() {
+                let code = i % n;
                 let want = float8::F8E4M3::from_bits(code as u8).to_f32() * 0.5;
                 assert!(got == want || (got.is_nan() && want.is_nan()), "{isa:?} code {code:#04x}: {got} vs {want}");
             }
@@ -419,6 +423,45 @@ mod tests {
                     assert!(same || (big && isa != Isa::Scalar), "{isa:?} {round:?} m={m} k={k} n={n}");
                 }
                 check(&x, m, k, w, n);
+            }
+        }
+    }
+
+    /// Batched products are the one-row products, bit for bit, on every path and dtype: a row's
+    /// result does not depend on how many rows share the call (the engine's batched decode must
+    /// give the tokens a lone request gets). Shapes cross the packed path's chunk width.
+    #[test]
+    fn each_row_of_a_batch_equals_that_row_alone() {
+        for (seed, (k, n)) in [(1024usize, 13usize), (300, 9), (7, 5)].into_iter().enumerate() {
+            let wf = vals(n * k, 40 + seed as u64);
+            let wb: Vec<_> = wf.iter().map(|v| half::bf16::from_f32(*v)).collect();
+            let wh: Vec<_> = wf.iter().map(|v| half::f16::from_f32(*v)).collect();
+            let values: Vec<u8> = wf.iter().map(|v| ((v + 1.0) * 63.0) as u8).collect();
+            let block = [8, 128];
+            let scales: Vec<f32> =
+                vals(n.div_ceil(8) * k.div_ceil(128), 3).iter().map(|v| v.abs() * 0.01 + 1e-3).collect();
+            let fp8 = |round| WeightSlice::Fp8 { values: &values, scales: &scales, block, round };
+            let weights = [
+                WeightSlice::F32(&wf),
+                WeightSlice::Bf16(&wb),
+                WeightSlice::F16(&wh),
+                fp8(Round::None),
+                fp8(Round::Bf16),
+                fp8(Round::F16),
+            ];
+            for m in [2, 3, 8, 17] {
+                let x = vals(m * k, 60 + m as u64);
+                for w in weights {
+                    for isa in Isa::available() {
+                        let all = matmul_t_with(isa, &x, m, k, w, n);
+                        for j in 0..m {
+                            let one = matmul_t_with(isa, &x[j * k..(j + 1) * k], 1, k, w, n);
+                            let same =
+                                one.iter().zip(&all[j * n..(j + 1) * n]).all(|(a, b)| a.to_bits() == b.to_bits());
+                            assert!(same, "{isa:?} {:?} m={m} k={k} row {j}", std::mem::discriminant(&w));
+                        }
+                    }
+                }
             }
         }
     }
