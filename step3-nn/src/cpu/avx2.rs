@@ -11,13 +11,13 @@
 
 use std::arch::x86_64::*;
 
-use super::{e4m3_table, Round, WeightSlice};
+use super::{e4m3_table, Out, Round, WeightSlice};
 
 /// # Safety
 /// AVX2 and FMA must be available (and F16C for f16 weights and FP8 weights); `x` is `[m, k]`, the weight
-/// `[n, k]` with `r1 <= n`, `out` is `[r1 - r0, m]`.
+/// `[n, k]` with `r1 <= n`, `out` is `[m, n]` and no other call writes its columns `r0..r1`.
 #[target_feature(enable = "avx2,fma")]
-pub(super) unsafe fn rows(x: &[f32], m: usize, k: usize, w: WeightSlice, r0: usize, r1: usize, out: &mut [f32]) {
+pub(super) unsafe fn rows(x: &[f32], m: usize, k: usize, w: WeightSlice, r0: usize, r1: usize, out: Out) {
     if m >= packed_rows(&w) {
         return packed(x, m, k, w, r0, r1, out);
     }
@@ -122,11 +122,16 @@ fn f16_to_f32(v: u16) -> f32 {
     half::f16::from_bits(v).to_f32()
 }
 
-/// Writes a finished `R × X` tile (weight rows `i`, activation rows `j`) into `out [rows, m]`.
+/// Writes a finished `R × X` tile (weight rows `row + i`, activation rows `j0 + j`) into `out`.
+///
+/// # Safety
+/// The rows are in the caller's chunk and `j0 + X <= m`.
 #[inline(always)]
-fn store<const R: usize, const X: usize>(t: &[[f32; X]; R], out: &mut [f32], m: usize, row: usize, j0: usize) {
+unsafe fn store<const R: usize, const X: usize>(t: &[[f32; X]; R], out: Out, row: usize, j0: usize) {
     for (i, ti) in t.iter().enumerate() {
-        out[(row + i) * m + j0..][..X].copy_from_slice(ti);
+        for (j, v) in ti.iter().enumerate() {
+            out.set(j0 + j, row + i, *v);
+        }
     }
 }
 
@@ -179,11 +184,10 @@ macro_rules! dense_kernel {
         }
 
         #[target_feature(enable = $feat)]
-        unsafe fn $name(x: &[f32], m: usize, k: usize, w: *const $t, r0: usize, r1: usize, out: &mut [f32]) {
+        unsafe fn $name(x: &[f32], m: usize, k: usize, w: *const $t, r0: usize, r1: usize, out: Out) {
             let mut r = r0;
             while r < r1 {
                 let wp = w.add(r * k);
-                let row = r - r0;
                 let four = r1 - r >= 4;
                 let mut j = 0;
                 while j < m {
@@ -191,10 +195,10 @@ macro_rules! dense_kernel {
                     let two = m - j >= 2;
                     let pf = j == 0 && r + 8 <= r1;
                     match (four, two) {
-                        (true, true) => store(&$tile::<4, 2>(xp, k, wp, pf), out, m, row, j),
-                        (true, false) => store(&$tile::<4, 1>(xp, k, wp, pf), out, m, row, j),
-                        (false, true) => store(&$tile::<1, 2>(xp, k, wp, false), out, m, row, j),
-                        (false, false) => store(&$tile::<1, 1>(xp, k, wp, false), out, m, row, j),
+                        (true, true) => store(&$tile::<4, 2>(xp, k, wp, pf), out, r, j),
+                        (true, false) => store(&$tile::<4, 1>(xp, k, wp, pf), out, r, j),
+                        (false, true) => store(&$tile::<1, 2>(xp, k, wp, false), out, r, j),
+                        (false, false) => store(&$tile::<1, 1>(xp, k, wp, false), out, r, j),
                     }
                     j += if two { 2 } else { 1 };
                 }
@@ -290,7 +294,7 @@ unsafe fn fp8<const RND: u8>(
     round: Round,
     r0: usize,
     r1: usize,
-    out: &mut [f32],
+    out: Out,
 ) {
     let cb = k.div_ceil(block[1]);
     let srow = |r: usize| scales.as_ptr().add((r / block[0]) * cb);
@@ -298,7 +302,6 @@ unsafe fn fp8<const RND: u8>(
     let mut r = r0;
     while r < r1 {
         let wp = values.as_ptr().add(r * k);
-        let row = r - r0;
         let four = r1 - r >= 4;
         let mut j = 0;
         while j < m {
@@ -307,13 +310,13 @@ unsafe fn fp8<const RND: u8>(
             if four {
                 let s = [srow(r), srow(r + 1), srow(r + 2), srow(r + 3)];
                 match two {
-                    true => store(&fp8_tile::<4, 2, RND>(xp, k, wp, s, bw, round), out, m, row, j),
-                    false => store(&fp8_tile::<4, 1, RND>(xp, k, wp, s, bw, round), out, m, row, j),
+                    true => store(&fp8_tile::<4, 2, RND>(xp, k, wp, s, bw, round), out, r, j),
+                    false => store(&fp8_tile::<4, 1, RND>(xp, k, wp, s, bw, round), out, r, j),
                 }
             } else {
                 match two {
-                    true => store(&fp8_tile::<1, 2, RND>(xp, k, wp, [srow(r)], bw, round), out, m, row, j),
-                    false => store(&fp8_tile::<1, 1, RND>(xp, k, wp, [srow(r)], bw, round), out, m, row, j),
+                    true => store(&fp8_tile::<1, 2, RND>(xp, k, wp, [srow(r)], bw, round), out, r, j),
+                    false => store(&fp8_tile::<1, 1, RND>(xp, k, wp, [srow(r)], bw, round), out, r, j),
                 }
             }
             j += if two { 2 } else { 1 };
@@ -345,7 +348,7 @@ const PR: usize = 4;
 /// output's sequence of multiply-adds (and its horizontal sum and scalar K tail) is exactly the
 /// one the one-row path does: results do not depend on `M` or on how the rows are tiled.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn packed(x: &[f32], m: usize, k: usize, w: WeightSlice, r0: usize, r1: usize, out: &mut [f32]) {
+unsafe fn packed(x: &[f32], m: usize, k: usize, w: WeightSlice, r0: usize, r1: usize, out: Out) {
     let table = e4m3_table();
     let kv = k & !7;
     let mut scratch = [0f32; PR * KC];
@@ -438,7 +441,7 @@ unsafe fn packed(x: &[f32], m: usize, k: usize, w: WeightSlice, r0: usize, r1: u
                     };
                     s += *xr.add(c) * wv;
                 }
-                out[(row - r0) * m + j] = s;
+                out.set(j, row, s);
             }
         }
         r += rows;

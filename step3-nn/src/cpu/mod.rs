@@ -186,32 +186,46 @@ pub fn matmul_t_with(isa: Isa, x: &[f32], m: usize, k: usize, w: WeightSlice, n:
     // Contiguous chunks of output rows, a few per thread so that a slow thread is evened out,
     // multiples of 4 rows (the AVX2 tile).
     let chunk = if threads <= 1 || bytes <= SERIAL_BYTES { n } else { n.div_ceil(threads * 4).next_multiple_of(4) };
-    // Computed transposed, `[N, M]`, so each chunk owns a contiguous piece of the output.
-    let mut out_t = vec![0f32; n * m];
-    let run = |(ci, out): (usize, &mut [f32])| {
+    let mut y = vec![0f32; m * n];
+    let out = Out { ptr: y.as_mut_ptr(), n };
+    let run = |ci: usize| {
         let r0 = ci * chunk;
-        rows(isa, x, m, k, w, r0, r0 + out.len() / m, out);
+        rows(isa, x, m, k, w, r0, (r0 + chunk).min(n), out);
     };
-    if chunk >= n {
-        run((0, &mut out_t));
+    let chunks = n.div_ceil(chunk);
+    if chunks == 1 {
+        run(0);
     } else {
-        out_t.par_chunks_mut(chunk * m).enumerate().for_each(run);
+        (0..chunks).into_par_iter().for_each(run);
     }
-    if m == 1 {
-        return out_t;
-    }
-    let mut out = vec![0f32; n * m];
-    for (r, row) in out_t.chunks_exact(m).enumerate() {
-        for (j, v) in row.iter().enumerate() {
-            out[j * n + r] = *v;
-        }
-    }
-    out
+    y
 }
 
-/// Output rows `r0..r1` into `out [r1 - r0, M]`.
+/// `y [M, N]` as the kernels write it: each call owns the columns `r0..r1` (its weight rows) of
+/// every row of `y`, so the threads write disjoint elements in place.
+#[derive(Clone, Copy)]
+struct Out {
+    ptr: *mut f32,
+    n: usize,
+}
+
+// SAFETY: `Out` is only handed to calls with disjoint column ranges (`matmul_t_with`), and `y`
+// outlives them.
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+
+impl Out {
+    /// # Safety
+    /// `j < M`, `r < N`, and `r` in the calling chunk's rows.
+    #[inline(always)]
+    unsafe fn set(self, j: usize, r: usize, v: f32) {
+        *self.ptr.add(j * self.n + r) = v;
+    }
+}
+
+/// Output columns (weight rows) `r0..r1` of every row of `out`.
 #[allow(clippy::too_many_arguments)]
-fn rows(isa: Isa, x: &[f32], m: usize, k: usize, w: WeightSlice, r0: usize, r1: usize, out: &mut [f32]) {
+fn rows(isa: Isa, x: &[f32], m: usize, k: usize, w: WeightSlice, r0: usize, r1: usize, out: Out) {
     #[cfg(target_arch = "x86_64")]
     if isa == Isa::Avx2 && isa.vectorizes(&w) {
         // SAFETY: AVX2, FMA and F16C were detected (`Isa::available`,
@@ -231,7 +245,7 @@ pub fn e4m3_table() -> &'static [f32; 256] {
 
 /// The portable loop: per output element a dot product in f32 (eight interleaved partial sums,
 /// so it vectorises where the compiler can), FP8 weights dequantised per element.
-fn scalar_rows(x: &[f32], m: usize, k: usize, w: WeightSlice, r0: usize, r1: usize, out: &mut [f32]) {
+fn scalar_rows(x: &[f32], m: usize, k: usize, w: WeightSlice, r0: usize, r1: usize, out: Out) {
     fn dot(x: &[f32], w: impl Iterator<Item = f32>) -> f32 {
         let mut acc = [0f32; 8];
         for (i, (a, b)) in x.iter().zip(w).enumerate() {
@@ -255,7 +269,8 @@ fn scalar_rows(x: &[f32], m: usize, k: usize, w: WeightSlice, r0: usize, r1: usi
                     dot(xr, w)
                 }
             };
-            out[(r - r0) * m + j] = v;
+            // SAFETY: `j < m`, `r` in this chunk's rows `r0..r1 <= n`.
+            unsafe { out.set(j, r, v) };
         }
     }
 }
