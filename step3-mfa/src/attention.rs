@@ -2,6 +2,7 @@ use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use step3_nn::{Linear, RmsNorm, WeightFormat};
 
+use crate::decode;
 use crate::{AttentionStep, KvCache, PagedKvCache, PagedStep, RotaryEmbedding};
 
 /// The sizes one MFA layer needs (a slice of the model's text config).
@@ -85,9 +86,15 @@ impl MfaAttention {
         let k = rope.apply(&k, &step.cos, &step.sin)?.reshape((b, t, d))?;
         let v = self.v_proj.forward(xs)?;
         let (k, v) = cache.append(&k, &v)?;
+        let q = q.reshape((b, t * n, d))?;
+        if t == 1 && step.mask.is_none() {
+            if let Some(out) = cache.decode_attention(&q, self.scale)? {
+                return self.o_proj.forward(&out.reshape((b, t, n * d))?);
+            }
+        }
 
         // [B, T·n, d] × [B, d, S]: rows ordered (token, head).
-        let out = attend(&q.reshape((b, t * n, d))?, &k, &v, self.scale, step.mask.as_ref(), (t, n))?;
+        let out = attend(&q, &k, &v, self.scale, step.mask.as_ref(), (t, n))?;
         self.o_proj.forward(&out.reshape((b, t, n * d))?)
     }
 
@@ -114,6 +121,14 @@ impl MfaAttention {
         let mut outs = Vec::with_capacity(step.groups.len());
         for g in &step.groups {
             let q = q.narrow(0, g.row, g.batch * g.q_len)?.reshape((g.batch, g.q_len * n, d))?;
+            if g.q_len == 1 {
+                let contexts: Vec<&[u32]> = (0..g.batch).map(|b| g.context(b)).collect();
+                let (kp, vp) = cache.pools();
+                if let Some(out) = decode::decode_attention(&q, kp, vp, &contexts, self.scale)? {
+                    outs.push(out.reshape((g.batch, n * d))?);
+                    continue;
+                }
+            }
             let (k, v) = cache.gather(&g.gather)?;
             let (k, v) = (k.reshape((g.batch, g.s, d))?, v.reshape((g.batch, g.s, d))?);
             let out = attend(&q, &k, &v, self.scale, g.mask.as_ref(), (g.q_len, n))?;
@@ -135,7 +150,7 @@ impl MfaAttention {
 ///
 /// Shapes: `q [B, T·n, d]` (rows ordered token, head), `k`, `v` `[B, S, d]`, `mask` additive f32
 /// `[B or 1, T, 1, S]`; `(t, n)` splits the rows of `q`. Output `[B, T·n, d]` in `q`'s dtype.
-fn attend(
+pub(crate) fn attend(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,

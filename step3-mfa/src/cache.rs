@@ -92,6 +92,22 @@ impl KvCache {
         Ok((kc.narrow(1, 0, self.len)?, vc.narrow(1, 0, self.len)?))
     }
 
+    /// One-token decode attention straight from this cache (see [`crate::decode`]): `q [B, n, d]`,
+    /// each sequence's context its first `len` slots. `None` when that path does not apply.
+    pub(crate) fn decode_attention(&self, q: &Tensor, scale: f64) -> Result<Option<Tensor>> {
+        let (Some(k), Some(v)) = (&self.k, &self.v) else {
+            return Ok(None);
+        };
+        let (b, cap, d) = k.dims3()?;
+        if self.len == 0 || b * cap > u32::MAX as usize {
+            return Ok(None);
+        }
+        let slots: Vec<u32> = (0..b).flat_map(|i| (0..self.len).map(move |p| (i * cap + p) as u32)).collect();
+        let contexts: Vec<&[u32]> = slots.chunks(self.len).collect();
+        let (k, v) = (k.reshape((b * cap, d))?, v.reshape((b * cap, d))?);
+        crate::decode::decode_attention(q, &k, &v, &contexts, scale)
+    }
+
     /// Forgets every token (keeps the allocation).
     pub fn reset(&mut self) {
         self.len = 0;

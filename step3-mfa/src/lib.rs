@@ -16,12 +16,14 @@
 //! ```text
 //! q = wq(inter_norm(q_proj(x)))            [B, T, heads·head_dim]  → RoPE per head
 //! k = k_proj(x), v = v_proj(x)             [B, T, head_dim]        → RoPE on k, append to cache
-//! scores = q · kᵀ / sqrt(head_dim)         all heads of a sequence in one matmul
+//! scores = q · kᵀ / sqrt(head_dim)         all heads of a sequence in one matmul (one new token
+//!                                          on the CPU: one pass over the context, `decode`)
 //! out = o_proj(softmax(scores + mask) · v)
 //! ```
 
 mod attention;
 mod cache;
+mod decode;
 mod paged;
 mod rope;
 

@@ -95,6 +95,17 @@ pub struct AttentionGroup {
     /// Additive f32 mask `[batch, q_len, 1, s]` (causal, and padding hidden), or `None` when every
     /// new token sees every gathered slot.
     pub mask: Option<Tensor>,
+    /// The slots of `gather`, on the host.
+    pub slots: Vec<u32>,
+    /// Each sequence's context length (cached and new tokens): its first `lens[b]` slots.
+    pub lens: Vec<usize>,
+}
+
+impl AttentionGroup {
+    /// Sequence `b`'s context slots, in order (without the padding).
+    pub fn context(&self, b: usize) -> &[u32] {
+        &self.slots[b * self.s..b * self.s + self.lens[b]]
+    }
 }
 
 /// Positions, RoPE angles, slot mapping, gather indices and masks of one paged step, computed once
@@ -244,8 +255,10 @@ impl PagedStep {
                 batch: members.len(),
                 q_len,
                 s: s_max,
-                gather: Tensor::from_vec(gather, members.len() * s_max, device)?,
+                gather: Tensor::from_vec(gather.clone(), members.len() * s_max, device)?,
                 mask,
+                slots: gather,
+                lens,
             });
             row += members.len() * q_len;
             i = end;

@@ -351,19 +351,28 @@ const PR: usize = 4;
 unsafe fn packed(x: &[f32], m: usize, k: usize, w: WeightSlice, r0: usize, r1: usize, out: Out) {
     let table = e4m3_table();
     let kv = k & !7;
-    let mut scratch = [0f32; PR * KC];
+    let mut scratch = Scratch([0f32; PR * KC]);
+    let scratch = &mut scratch.0;
     let mut acc = vec![_mm256_setzero_ps(); PR * m];
     // The activations chunk by chunk, each chunk's rows contiguous (`[len]` apart): rows `k`
     // apart alias in L1 when `k` is a multiple of 1024 (Step3's widths all are).
-    let mut xs = vec![0f32; m * kv];
-    let mut c0 = 0;
-    while c0 < kv {
-        let len = KC.min(kv - c0);
-        for j in 0..m {
-            xs[c0 * m + j * len..][..len].copy_from_slice(&x[j * k + c0..][..len]);
+    // (Already so when K is one chunk: the rows are then `k = len` apart as given.)
+    let mut xs_lines: Vec<Line>;
+    let xs: &[f32] = if kv == k && k <= KC {
+        x
+    } else {
+        xs_lines = vec![Line([0f32; 16]); (m * kv).div_ceil(16)];
+        let xs = std::slice::from_raw_parts_mut(xs_lines.as_mut_ptr().cast::<f32>(), m * kv);
+        let mut c0 = 0;
+        while c0 < kv {
+            let len = KC.min(kv - c0);
+            for j in 0..m {
+                xs[c0 * m + j * len..][..len].copy_from_slice(&x[j * k + c0..][..len]);
+            }
+            c0 += len;
         }
-        c0 += len;
-    }
+        xs
+    };
     let mut r = r0;
     while r < r1 {
         let rows = (r1 - r).min(PR);
@@ -382,12 +391,12 @@ unsafe fn packed(x: &[f32], m: usize, k: usize, w: WeightSlice, r0: usize, r1: u
                 }
                 WeightSlice::Bf16(w) => {
                     let p = w.as_ptr().cast::<u16>().add(r * k + c0);
-                    pack_bf16(p, k, rows, len, &mut scratch);
+                    pack_bf16(p, k, rows, len, scratch);
                     (scratch.as_ptr(), KC, Prefetch::new(next, p.wrapping_add(PR * k).cast(), k * 2, 2))
                 }
                 WeightSlice::F16(w) => {
                     let p = w.as_ptr().cast::<u16>().add(r * k + c0);
-                    pack_f16(p, k, rows, len, &mut scratch);
+                    pack_f16(p, k, rows, len, scratch);
                     (scratch.as_ptr(), KC, Prefetch::new(next, p.wrapping_add(PR * k).cast(), k * 2, 2))
                 }
                 WeightSlice::Fp8 { values, scales, block, round } => {
@@ -447,6 +456,15 @@ unsafe fn packed(x: &[f32], m: usize, k: usize, w: WeightSlice, r0: usize, r1: u
         r += rows;
     }
 }
+
+/// The packed tile, aligned to a cache line so that no 32-byte load straddles two.
+#[repr(C, align(64))]
+struct Scratch([f32; PR * KC]);
+
+/// One cache line of f32, the unit the re-laid activations are allocated in (aligned likewise).
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([f32; 16]);
 
 /// [`PR`] weight rows to prefetch alongside a pass: from `p`, `stride` bytes apart, `bytes`
 /// bytes per column; none when `p` is null.
@@ -574,6 +592,62 @@ unsafe fn pack_fp8<const RND: u8>(src: *const u8, srow: *const f32, bw: usize, c
         while c < block_end {
             _mm256_storeu_ps(dst.add(c - c0), load_fp8::<RND>(src.add(c), sv));
             c += 8;
+        }
+    }
+}
+
+/// `y[j, :] += Σ_r p[j·ld + r] · w[r, :]` (see [`super::weighted_rows_acc`]): per output element
+/// one fused multiply-add per row, in row order, 32 columns at a time in registers.
+///
+/// # Safety
+/// AVX2 and FMA must be available; `p` holds `m` rows `ld` apart of at least `n` values, `w` is
+/// `[n, k]`, `y` is `[m, k]`.
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn weighted_rows_acc(
+    p: *const f32,
+    m: usize,
+    ld: usize,
+    w: *const f32,
+    n: usize,
+    k: usize,
+    y: *mut f32,
+) {
+    let kv = k & !7;
+    for j in 0..m {
+        let pj = p.add(j * ld);
+        let yj = y.add(j * k);
+        let mut c = 0;
+        while c + 32 <= kv {
+            let mut a = [_mm256_setzero_ps(); 4];
+            for (i, a) in a.iter_mut().enumerate() {
+                *a = _mm256_loadu_ps(yj.add(c + 8 * i));
+            }
+            for r in 0..n {
+                let pv = _mm256_set1_ps(*pj.add(r));
+                let wr = w.add(r * k + c);
+                for (i, a) in a.iter_mut().enumerate() {
+                    *a = _mm256_fmadd_ps(pv, _mm256_loadu_ps(wr.add(8 * i)), *a);
+                }
+            }
+            for (i, a) in a.iter().enumerate() {
+                _mm256_storeu_ps(yj.add(c + 8 * i), *a);
+            }
+            c += 32;
+        }
+        while c < kv {
+            let mut a = _mm256_loadu_ps(yj.add(c));
+            for r in 0..n {
+                a = _mm256_fmadd_ps(_mm256_set1_ps(*pj.add(r)), _mm256_loadu_ps(w.add(r * k + c)), a);
+            }
+            _mm256_storeu_ps(yj.add(c), a);
+            c += 8;
+        }
+        for c in kv..k {
+            let mut a = *yj.add(c);
+            for r in 0..n {
+                a = (*pj.add(r)).mul_add(*w.add(r * k + c), a);
+            }
+            *yj.add(c) = a;
         }
     }
 }

@@ -187,7 +187,7 @@ pub fn matmul_t_with(isa: Isa, x: &[f32], m: usize, k: usize, w: WeightSlice, n:
     // multiples of 4 rows (the AVX2 tile).
     let chunk = if threads <= 1 || bytes <= SERIAL_BYTES { n } else { n.div_ceil(threads * 4).next_multiple_of(4) };
     let mut y = vec![0f32; m * n];
-    let out = Out { ptr: y.as_mut_ptr(), n };
+    let out = Out { ptr: y.as_mut_ptr(), ld: n };
     let run = |ci: usize| {
         let r0 = ci * chunk;
         rows(isa, x, m, k, w, r0, (r0 + chunk).min(n), out);
@@ -201,12 +201,12 @@ pub fn matmul_t_with(isa: Isa, x: &[f32], m: usize, k: usize, w: WeightSlice, n:
     y
 }
 
-/// `y [M, N]` as the kernels write it: each call owns the columns `r0..r1` (its weight rows) of
-/// every row of `y`, so the threads write disjoint elements in place.
+/// `y [M, N]` as the kernels write it (row `j` at `j · ld`): each call owns the columns `r0..r1`
+/// (its weight rows) of every row of `y`, so the threads write disjoint elements in place.
 #[derive(Clone, Copy)]
 struct Out {
     ptr: *mut f32,
-    n: usize,
+    ld: usize,
 }
 
 // SAFETY: `Out` is only handed to calls with disjoint column ranges (`matmul_t_with`), and `y`
@@ -219,7 +219,66 @@ impl Out {
     /// `j < M`, `r < N`, and `r` in the calling chunk's rows.
     #[inline(always)]
     unsafe fn set(self, j: usize, r: usize, v: f32) {
-        *self.ptr.add(j * self.n + r) = v;
+        *self.ptr.add(j * self.ld + r) = v;
+    }
+}
+
+/// [`matmul_t`] on the calling thread, into rows `ld` apart of `y`: `y[j·ld + r] = x[j]·W[r]` for
+/// `j < m`, `r < n`; the rest of `y` is left as it is. For callers that run many small products
+/// inside their own parallel tasks (attention over a context, a chunk of tokens at a time). Each
+/// element is the one [`matmul_t`] computes, bit for bit.
+///
+/// # Panics
+/// If `x`, `w` or `y` are too short for `m`, `k`, `n`, `ld`, or `ld < n`.
+pub fn matmul_t_into(x: &[f32], m: usize, k: usize, w: WeightSlice, n: usize, y: &mut [f32], ld: usize) {
+    assert_eq!(x.len(), m * k, "x is not [{m}, {k}]");
+    assert_eq!(w.elements(), n * k, "weight is not [{n}, {k}]");
+    assert!(ld >= n, "row stride {ld} is shorter than a row of {n}");
+    if let WeightSlice::Fp8 { scales, block, .. } = w {
+        assert!(block[0] > 0 && block[1] > 0, "empty FP8 block");
+        assert_eq!(scales.len(), n.div_ceil(block[0]) * k.div_ceil(block[1]), "FP8 scales do not match");
+    }
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(y.len() >= (m - 1) * ld + n, "y holds {} values, not {m} rows {ld} apart", y.len());
+    rows(Isa::detected(), x, m, k, w, 0, n, Out { ptr: y.as_mut_ptr(), ld });
+}
+
+/// `y[j, :] += Σ_r p[j·ld + r] · w[r, :]` for `j < m`, over the `n` rows of `w [n, k]`, in row
+/// order (one fused multiply-add per row on the vector path): a weighted sum of rows, as
+/// attention's probabilities times V. `y` is `[m, k]`.
+///
+/// # Panics
+/// If the slices are too short for `m`, `ld`, `n`, `k`, or `ld < n`.
+pub fn weighted_rows_acc(p: &[f32], m: usize, ld: usize, w: &[f32], n: usize, k: usize, y: &mut [f32]) {
+    weighted_rows_acc_with(Isa::detected(), p, m, ld, w, n, k, y)
+}
+
+/// [`weighted_rows_acc`] on a chosen path.
+#[allow(clippy::too_many_arguments)]
+pub fn weighted_rows_acc_with(isa: Isa, p: &[f32], m: usize, ld: usize, w: &[f32], n: usize, k: usize, y: &mut [f32]) {
+    assert!(ld >= n, "row stride {ld} is shorter than a row of {n}");
+    assert_eq!(w.len(), n * k, "w is not [{n}, {k}]");
+    assert_eq!(y.len(), m * k, "y is not [{m}, {k}]");
+    assert!(isa == Isa::Scalar || Isa::available().contains(&isa), "{isa:?} is not available here");
+    if m == 0 || n == 0 || k == 0 {
+        return;
+    }
+    assert!(p.len() >= (m - 1) * ld + n, "p holds {} values, not {m} rows {ld} apart", p.len());
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx2 {
+        // SAFETY: AVX2 and FMA were detected (`Isa::available`); the lengths were checked above.
+        unsafe { avx2::weighted_rows_acc(p.as_ptr(), m, ld, w.as_ptr(), n, k, y.as_mut_ptr()) };
+        return;
+    }
+    for (j, yj) in y.chunks_exact_mut(k).enumerate() {
+        for (r, wr) in w.chunks_exact(k).enumerate() {
+            let pr = p[j * ld + r];
+            for (a, b) in yj.iter_mut().zip(wr) {
+                *a += pr * b;
+            }
+        }
     }
 }
 
@@ -475,6 +534,61 @@ mod tests {
                                 one.iter().zip(&all[j * n..(j + 1) * n]).all(|(a, b)| a.to_bits() == b.to_bits());
                             assert!(same, "{isa:?} {:?} m={m} k={k} row {j}", std::mem::discriminant(&w));
                         }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The strided, single-thread form gives `matmul_t`'s values bit for bit and leaves the rest of
+    /// its output alone.
+    #[test]
+    fn matmul_t_into_writes_the_same_values_rows_apart() {
+        for (m, k, n) in [(1, 24, 5), (3, 64, 16), (8, 256, 13), (17, 300, 4)] {
+            let x = vals(m * k, 80 + m as u64);
+            let wf = vals(n * k, 81);
+            let wb: Vec<_> = wf.iter().map(|v| half::bf16::from_f32(*v)).collect();
+            for w in [WeightSlice::F32(&wf), WeightSlice::Bf16(&wb)] {
+                let want = matmul_t(&x, m, k, w, n);
+                let ld = n + 3;
+                let mut y = vec![7f32; m * ld];
+                matmul_t_into(&x, m, k, w, n, &mut y, ld);
+                for j in 0..m {
+                    for r in 0..ld {
+                        let got = y[j * ld + r];
+                        let expect = if r < n { want[j * n + r] } else { 7.0 };
+                        assert_eq!(got.to_bits(), expect.to_bits(), "m={m} k={k} n={n} ({j},{r})");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Weighted sums of rows against f64, on every path, over column counts with tails; each
+    /// output row is the same whatever other rows share the call.
+    #[test]
+    fn weighted_rows_acc_matches_f64() {
+        for (m, n, k) in [(1, 1, 1), (2, 5, 7), (3, 16, 24), (8, 64, 256), (5, 33, 300)] {
+            let ld = n + 2;
+            let p = vals(m * ld, 90 + k as u64);
+            let w = vals(n * k, 91);
+            let y0 = vals(m * k, 92);
+            for isa in Isa::available() {
+                let mut y = y0.clone();
+                weighted_rows_acc_with(isa, &p, m, ld, &w, n, k, &mut y);
+                for j in 0..m {
+                    let mut one = y0[j * k..(j + 1) * k].to_vec();
+                    weighted_rows_acc_with(isa, &p[j * ld..], 1, ld, &w, n, k, &mut one);
+                    assert!(one.iter().zip(&y[j * k..]).all(|(a, b)| a.to_bits() == b.to_bits()), "{isa:?} row {j}");
+                    for c in 0..k {
+                        let (exact, abs) =
+                            (0..n).fold((y0[j * k + c] as f64, (y0[j * k + c] as f64).abs()), |(s, a), r| {
+                                let t = p[j * ld + r] as f64 * w[r * k + c] as f64;
+                                (s + t, a + t.abs())
+                            });
+                        let bound = (2 * n + 2) as f64 * f32::EPSILON as f64 * abs + f32::MIN_POSITIVE as f64;
+                        let got = y[j * k + c] as f64;
+                        assert!((got - exact).abs() <= bound, "{isa:?} m={m} n={n} k={k} ({j},{c}): {got} vs {exact}");
                     }
                 }
             }
