@@ -62,8 +62,8 @@ unsafe fn load_f16(p: *const u16) -> __m256 {
 /// Eight e4m3 bytes times their block scale. Each byte becomes an f16 bit pattern (sign to bit
 /// 15, the 4 exponent and 3 mantissa bits to bits 10-13 and 7-9) whose value is exactly
 /// `e4m3 · 2^-8`, subnormals included, and which `vcvtph2ps` widens without the slow path that
-/// subnormal f32 operands take in a multiply; the two NaN codes (magnitude 0x7F) become the f16
-/// NaN `0xFFFF` first. Then one multiply by `scale_2p8 = scale · 2^8` (one rounding:
+/// subnormal f32 operands take in a multiply; the two NaN codes (magnitude 0x7F) get the bits of
+/// [`F16_NAN`] set, which makes them the f16 NaN `±0x7F80`. Then one multiply by `scale_2p8 = scale · 2^8` (one rounding:
 /// `f32(e4m3 · scale)`, what a dequantisation computes), optionally rounded to bf16/f16 (`RND`,
 /// see [`super::Round`]).
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -72,7 +72,8 @@ unsafe fn load_fp8<const RND: u8>(p: *const u8, scale_2p8: __m256) -> __m256 {
     let h = _mm_slli_epi16(_mm_cvtepi8_epi16(_mm_loadl_epi64(p.cast())), 7);
     let h = _mm_and_si128(h, _mm_set1_epi16(0xBFFFu16 as i16));
     let nan = _mm_cmpeq_epi16(_mm_and_si128(h, _mm_set1_epi16(0x7FFF)), _mm_set1_epi16(0x3F80));
-    scaled::<RND>(_mm256_cvtph_ps(_mm_or_si128(h, nan)), scale_2p8)
+    let h = _mm_or_si128(h, _mm_and_si128(nan, _mm_set1_epi16(F16_NAN)));
+    scaled::<RND>(_mm256_cvtph_ps(h), scale_2p8)
 }
 
 /// [`load_fp8`] for sixteen bytes: the byte-to-f16 steps on one 256-bit register.
@@ -82,11 +83,16 @@ unsafe fn load_fp8x16<const RND: u8>(p: *const u8, scale_2p8: __m256) -> (__m256
     let h = _mm256_slli_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128(p.cast())), 7);
     let h = _mm256_and_si256(h, _mm256_set1_epi16(0xBFFFu16 as i16));
     let nan = _mm256_cmpeq_epi16(_mm256_and_si256(h, _mm256_set1_epi16(0x7FFF)), _mm256_set1_epi16(0x3F80));
-    let h = _mm256_or_si256(h, nan);
+    let h = _mm256_or_si256(h, _mm256_and_si256(nan, _mm256_set1_epi16(F16_NAN)));
     let lo = scaled::<RND>(_mm256_cvtph_ps(_mm256_castsi256_si128(h)), scale_2p8);
     let hi = scaled::<RND>(_mm256_cvtph_ps(_mm256_extracti128_si256(h, 1)), scale_2p8);
     (lo, hi)
 }
+
+/// Set in an e4m3 NaN code's f16 pattern: the f16 NaN `0x7F80` (or `0xFF80`), which widens to the
+/// f32 NaN `0x7FF0_0000`, which a multiply by a finite scale keeps and which the bf16 rounding of
+/// [`scaled`] leaves a NaN (its bit 16 is clear, so the rounding increment cannot carry out of it).
+const F16_NAN: i16 = 0x7E00;
 
 /// `f · scale_2p8`, rounded as `RND` says.
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -94,12 +100,12 @@ unsafe fn load_fp8x16<const RND: u8>(p: *const u8, scale_2p8: __m256) -> (__m256
 unsafe fn scaled<const RND: u8>(f: __m256, scale_2p8: __m256) -> __m256 {
     let mut f = _mm256_mul_ps(f, scale_2p8);
     if RND == ROUND_BF16 {
-        // Round to nearest even on the upper 16 bits (finite values; NaN stays NaN).
+        // Round to nearest even on the upper 16 bits. The values are finite (the scale is, and
+        // `Isa::vectorizes` keeps it below 1e30) or the NaN of `F16_NAN`, which stays a NaN.
         let b = _mm256_castps_si256(f);
         let lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
         let r = _mm256_add_epi32(b, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF)));
-        let r = _mm256_castsi256_ps(_mm256_and_si256(r, _mm256_set1_epi32(0xFFFF_0000u32 as i32)));
-        f = _mm256_blendv_ps(r, f, _mm256_cmp_ps(f, f, _CMP_UNORD_Q));
+        f = _mm256_castsi256_ps(_mm256_and_si256(r, _mm256_set1_epi32(0xFFFF_0000u32 as i32)));
     } else if RND == ROUND_F16 {
         f = _mm256_cvtph_ps(_mm256_cvtps_ph(f, _MM_FROUND_TO_NEAREST_INT));
     }

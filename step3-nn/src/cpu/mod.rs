@@ -444,8 +444,9 @@ mod tests {
         }
     }
 
-    /// Each of the 256 codes alone in a row, times 1 (and a power-of-two scale): every path
-    /// decodes it exactly, NaN codes included.
+    /// Each of the 256 codes alone in a row, times 1, under a power-of-two scale and under one
+    /// whose products need rounding: every path and rounding decodes it as the dequantisation
+    /// does, NaN codes included (they must stay NaN through the bf16 and f16 roundings).
     #[test]
     fn all_256_fp8_codes_decode_exactly() {
         let (k, n) = (16, 256);
@@ -458,14 +459,21 @@ mod tests {
         for j in 0..3 {
             x[j * k + 5] = 1.0;
         }
-        let scales = vec![0.5f32; n.div_ceil(128) * k.div_ceil(16)];
-        for (isa, m) in Isa::available().into_iter().flat_map(|isa| [(isa, 1), (isa, 3)]) {
-            let w = WeightSlice::Fp8 { values: &values, scales: &scales, block: [128, 16], round: Round::None };
-            let y = matmul_t_with(isa, &x[..m * k], m, k, w, n);
-            for (i, &got) in y.iter().enumerate() {
-                let code = i % n;
-                let want = float8::F8E4M3::from_bits(code as u8).to_f32() * 0.5;
-                assert!(got == want || (got.is_nan() && want.is_nan()), "{isa:?} code {code:#04x}: {got} vs {want}");
+        for scale in [0.5f32, 0.013_671_877, -3.3e-3] {
+            let scales = vec![scale; n.div_ceil(128) * k.div_ceil(16)];
+            for round in [Round::None, Round::Bf16, Round::F16] {
+                for (isa, m) in Isa::available().into_iter().flat_map(|isa| [(isa, 1), (isa, 3)]) {
+                    let w = WeightSlice::Fp8 { values: &values, scales: &scales, block: [128, 16], round };
+                    let y = matmul_t_with(isa, &x[..m * k], m, k, w, n);
+                    for (i, &got) in y.iter().enumerate() {
+                        let code = i % n;
+                        let want = round.apply(float8::F8E4M3::from_bits(code as u8).to_f32() * scale);
+                        assert!(
+                            got == want || (got.is_nan() && want.is_nan()),
+                            "{isa:?} {round:?} scale {scale} code {code:#04x}: {got} vs {want}"
+                        );
+                    }
+                }
             }
         }
     }
