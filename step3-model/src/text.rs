@@ -478,6 +478,9 @@ impl Step3TextModel {
         cache: &mut Step3Cache,
         trace: Option<&mut Vec<LayerRouting>>,
     ) -> Result<Tensor> {
+        if self.on_cpu_pool() {
+            return rayon::join(|| self.forward_embeds(xs, lens, cache, trace), || ()).0;
+        }
         match trace {
             Some(trace) => self.forward_observed(xs, lens, cache, &mut |layer, _, routing| {
                 trace.push(LayerRouting { layer, routing: routing.clone() });
@@ -575,6 +578,9 @@ impl Step3TextModel {
         cache: &mut Step3PagedCache,
         mut trace: Option<&mut Vec<LayerRouting>>,
     ) -> Result<Tensor> {
+        if self.on_cpu_pool() {
+            return rayon::join(|| self.forward_paged(xs, step, cache, trace), || ()).0;
+        }
         if xs.dims2()? != (step.num_tokens, self.config.hidden_size) {
             return Err(Error::Input(format!(
                 "paged step of {} tokens got embeddings {:?}",
@@ -623,6 +629,16 @@ impl Step3TextModel {
         trace: Option<&mut Vec<LayerRouting>>,
     ) -> Result<Tensor> {
         self.forward_embeds(&self.embed(ids)?, lens, cache, trace)
+    }
+
+    /// Whether a forward step should move onto a worker of rayon's global pool first: an unsharded
+    /// CPU model called from outside the pool. The step's parallel products then run on that
+    /// worker and the others, and its serial ops on that worker, instead of on a third thread
+    /// that the idle workers, spinning before they sleep, take turns with on every core. (Not
+    /// with several ranks: a rank waiting for the others must not hold a worker their products
+    /// need.)
+    fn on_cpu_pool(&self) -> bool {
+        rayon::current_thread_index().is_none() && self.ranks.len() == 1 && self.ranks[0].device.is_cpu()
     }
 
     /// Logits `[..., vocab]` in f32 from final hidden states `[..., H]` (any rank ≥ 1).
