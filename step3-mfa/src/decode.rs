@@ -91,9 +91,9 @@ pub(crate) fn decode_attention(
     let q: Vec<f32> = q.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
     let q: Vec<f32> = q.iter().map(|v| v * root).collect();
 
-    // Tasks of (sequence, group of heads): enough of them to keep every thread busy when the
-    // batch is small (each group reads its sequence's context once).
-    let groups = (2 * rayon::current_num_threads()).div_ceil(b).clamp(1, n.max(1));
+    // Tasks of (sequence, group of heads): enough of them to give every thread work when the
+    // batch is small, and no more (each group widens its sequence's context once).
+    let groups = rayon::current_num_threads().div_ceil(b).clamp(1, n.max(1));
     let per_group = n.div_ceil(groups).max(1);
     let mut out = vec![0f32; b * n * d];
     if n == 0 {

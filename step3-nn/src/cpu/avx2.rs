@@ -426,7 +426,9 @@ unsafe fn packed(x: &[f32], m: usize, k: usize, w: WeightSlice, r0: usize, r1: u
                 let xp = xs.as_ptr().add(c0 * m + j * len);
                 let a = acc.as_mut_ptr().add(j);
                 let pf = if j == 0 { pf } else { Prefetch::NONE };
-                match (rows == PR, m - j) {
+                // Three rows at a time, but four as two and two (a 4 × 1 tile is load-bound).
+                let x_rows = if m - j == 4 { 2 } else { (m - j).min(3) };
+                match (rows == PR, x_rows) {
                     (true, 1) => run_chunk::<PR, 1>(xp, len, wp, ws, len, a, m, pf),
                     (true, 2) => run_chunk::<PR, 2>(xp, len, wp, ws, len, a, m, pf),
                     (true, _) => run_chunk::<PR, 3>(xp, len, wp, ws, len, a, m, pf),
@@ -434,7 +436,7 @@ unsafe fn packed(x: &[f32], m: usize, k: usize, w: WeightSlice, r0: usize, r1: u
                     (false, 2) => run_rows::<2>(xp, len, wp, ws, len, a, m, rows),
                     (false, _) => run_rows::<3>(xp, len, wp, ws, len, a, m, rows),
                 }
-                j += (m - j).min(3);
+                j += x_rows;
             }
             c0 += len;
         }

@@ -531,7 +531,7 @@ mod tests {
                 fp8(Round::Bf16),
                 fp8(Round::F16),
             ];
-            for m in [2, 3, 8, 17] {
+            for m in [2, 3, 4, 7, 8, 16, 17] {
                 let x = vals(m * k, 60 + m as u64);
                 for w in weights {
                     for isa in Isa::available() {
