@@ -86,10 +86,14 @@ pub(crate) fn decode_attention(
         candle_core::bail!("decode attention: slot {bad} beyond the pool's {slots}")
     }
     let root = scale.sqrt() as f32;
+    // With a power-of-two root (head_dim 256, Step3's: 1/4) every scaling is exact, so q times
+    // `scale` against K as stored gives the same scores bit for bit, and K is read in place.
+    let exact = scale.sqrt().log2().fract() == 0.0;
+    let (q_mul, k_mul) = if exact { (scale as f32, None) } else { (root, Some(root)) };
     let dtype = q.dtype();
-    // q · sqrt(scale) in f32, as the reference multiplies it.
+    // q · sqrt(scale) in f32, as the reference multiplies it (or · scale, see above).
     let q: Vec<f32> = q.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-    let q: Vec<f32> = q.iter().map(|v| v * root).collect();
+    let q: Vec<f32> = q.iter().map(|v| v * q_mul).collect();
 
     // Tasks of (sequence, group of heads): enough of them to give every thread work when the
     // batch is small, and no more (each group widens its sequence's context once).
@@ -101,7 +105,7 @@ pub(crate) fn decode_attention(
     }
     out.par_chunks_mut(n * d).zip(q.par_chunks(n * d)).zip(contexts.par_iter()).for_each(|((out, q), ctx)| {
         out.par_chunks_mut(per_group * d).zip(q.par_chunks(per_group * d)).for_each(|(out, q)| {
-            attend_one(q, out.len() / d, d, k, v, ctx, root, out);
+            attend_one(q, out.len() / d, d, k, v, ctx, k_mul, out);
         });
     });
     Tensor::from_vec(out, (b, n, d), &Device::Cpu)?.to_dtype(dtype).map(Some)
@@ -118,23 +122,35 @@ fn rows<'a>(storage: &'a Storage, layout: &candle_core::Layout) -> Option<Rows<'
     }
 }
 
-/// `n` heads of one sequence: `q [n, d]` (already times `root`) against the context `ctx`, into
-/// `out [n, d]`.
+/// `n` heads of one sequence: `q [n, d]` (already scaled) against the context `ctx`, into
+/// `out [n, d]`. K rows are widened and multiplied by `k_mul` when one is given, else read in
+/// place; the context is taken in runs of consecutive slots (a paged block, or all of a
+/// contiguous cache), at most [`CHUNK`] at a time. Neither changes a value: each score is one
+/// dot product, and `out` accumulates the runs in context order.
 #[allow(clippy::too_many_arguments)]
-fn attend_one(q: &[f32], n: usize, d: usize, k: Rows, v: Rows, ctx: &[u32], root: f32, out: &mut [f32]) {
+fn attend_one(q: &[f32], n: usize, d: usize, k: Rows, v: Rows, ctx: &[u32], k_mul: Option<f32>, out: &mut [f32]) {
     let s = ctx.len();
     if s == 0 {
         return;
     }
+    let runs = runs(ctx);
     let mut buf = vec![0f32; CHUNK.min(s) * d];
-    // Scores `[n, s]`: each chunk's K rows widened (times `root`) once, all heads against them.
+    // Scores `[n, s]`: all heads against each run's K rows.
     let mut scores = vec![0f32; n * s];
-    for (c, slots) in ctx.chunks(CHUNK).enumerate() {
-        let rows = slots.len();
-        for (i, &slot) in slots.iter().enumerate() {
-            k.widen(slot as usize, &mut buf[i * d..(i + 1) * d], root);
-        }
-        cpu::matmul_t_into(q, n, d, WeightSlice::F32(&buf[..rows * d]), rows, &mut scores[c * CHUNK..], s);
+    for &(t0, len) in &runs {
+        let first = ctx[t0] as usize;
+        let rows = match (k_mul, k) {
+            (None, Rows::F32(r)) => WeightSlice::F32(&r[first * d..(first + len) * d]),
+            (None, Rows::Bf16(r)) => WeightSlice::Bf16(&r[first * d..(first + len) * d]),
+            (None, Rows::F16(r)) => WeightSlice::F16(&r[first * d..(first + len) * d]),
+            (Some(mul), k) => {
+                for i in 0..len {
+                    k.widen(first + i, &mut buf[i * d..(i + 1) * d], mul);
+                }
+                WeightSlice::F32(&buf[..len * d])
+            }
+        };
+        cpu::matmul_t_into(q, n, d, rows, len, &mut scores[t0..], s);
     }
     // Softmax per head, as candle's `softmax_last_dim`: the maximum, the exponentials and their
     // running sum, one division each.
@@ -147,14 +163,35 @@ fn attend_one(q: &[f32], n: usize, d: usize, k: Rows, v: Rows, ctx: &[u32], root
         }
         row.iter_mut().for_each(|x| *x /= sum);
     }
-    // `out = probabilities · v`, chunk by chunk in context order.
-    for (c, slots) in ctx.chunks(CHUNK).enumerate() {
-        let rows = slots.len();
-        for (i, &slot) in slots.iter().enumerate() {
-            v.widen(slot as usize, &mut buf[i * d..(i + 1) * d], 1.0);
-        }
-        cpu::weighted_rows_acc(&scores[c * CHUNK..], n, s, &buf[..rows * d], rows, d, out);
+    // `out = probabilities · v`, run by run in context order (f32 V in place, else widened).
+    for &(t0, len) in &runs {
+        let first = ctx[t0] as usize;
+        let rows: &[f32] = match v {
+            Rows::F32(r) => &r[first * d..(first + len) * d],
+            v => {
+                for i in 0..len {
+                    v.widen(first + i, &mut buf[i * d..(i + 1) * d], 1.0);
+                }
+                &buf[..len * d]
+            }
+        };
+        cpu::weighted_rows_acc(&scores[t0..], n, s, rows, len, d, out);
     }
+}
+
+/// `ctx` as runs `(start, len)` of consecutive slots, at most [`CHUNK`] long.
+fn runs(ctx: &[u32]) -> Vec<(usize, usize)> {
+    let mut runs = Vec::new();
+    let mut t0 = 0;
+    while t0 < ctx.len() {
+        let mut len = 1;
+        while t0 + len < ctx.len() && len < CHUNK && ctx[t0 + len] == ctx[t0 + len - 1].wrapping_add(1) {
+            len += 1;
+        }
+        runs.push((t0, len));
+        t0 += len;
+    }
+    runs
 }
 
 #[cfg(test)]
@@ -196,17 +233,25 @@ mod tests {
     /// root of the scale, contexts shorter and longer than a chunk, sequences sharing slots.
     #[test]
     fn matches_the_general_path() -> Result<()> {
-        for (seed, (b, n, d)) in
-            [(1usize, 1usize, 24usize), (3, 8, 64), (2, 5, 256), (4, 3, 32)].into_iter().enumerate()
-        {
+        let shapes = [(1usize, 1usize, 24usize), (3, 8, 64), (2, 5, 256), (4, 3, 32), (3, 4, 256)];
+        for (seed, (b, n, d)) in shapes.into_iter().enumerate() {
             let slots = 300;
             let scale = 1.0 / (d as f64).sqrt();
             let q = Tensor::from_vec(vals(b * n * d, seed as u64), (b, n, d), &Device::Cpu)?;
             let k = Tensor::from_vec(vals(slots * d, 10 + seed as u64), (slots, d), &Device::Cpu)?;
             let v = Tensor::from_vec(vals(slots * d, 20 + seed as u64), (slots, d), &Device::Cpu)?;
             let lens = [1usize, 64, 65, 130, 63, 200];
+            // Even sequences: blocks of 16 consecutive slots in scattered places (a paged cache:
+            // runs); odd ones: every slot somewhere else.
             let ctx: Vec<Vec<u32>> = (0..b)
-                .map(|i| (0..lens[(i + seed) % lens.len()]).map(|p| ((p * 7 + i * 13) % slots) as u32).collect())
+                .map(|i| {
+                    let len = lens[(i + seed) % lens.len()];
+                    let slot = |p: usize| match i % 2 {
+                        0 => ((p / 16) * 7 + i) % (slots / 16) * 16 + p % 16,
+                        _ => (p * 7 + i * 13) % slots,
+                    };
+                    (0..len).map(|p| slot(p) as u32).collect()
+                })
                 .collect();
             let ctx: Vec<&[u32]> = ctx.iter().map(|c| c.as_slice()).collect();
             for dtype in [DType::F32, DType::BF16] {
