@@ -11,6 +11,11 @@
 //! with the weight dequantised beforehand. The output rows are split in contiguous chunks over
 //! rayon's global pool (the pool candle's GEMM runs on, so the two never compete for the cores).
 //!
+//! Two smaller entry points serve kernels of other crates that run their own parallel tasks (the
+//! MFA decode attention of `step3-mfa`): [`matmul_t_into`] (the same product on the calling thread,
+//! into a strided output) and [`weighted_rows_acc`] (a weighted sum of f32 rows, probabilities
+//! times V).
+//!
 //! The instruction set is chosen once at run time ([`Isa::detected`]): AVX2+FMA+F16C on x86-64,
 //! else a portable scalar loop. `STEP3_CPU_KERNEL=scalar` forces the scalar loop and
 //! `STEP3_CPU_KERNEL=off` turns the kernels off ([`crate::Weight`] then takes candle's GEMM for
