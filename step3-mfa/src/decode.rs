@@ -68,6 +68,9 @@ pub(crate) fn decode_attention(
         return Ok(None);
     }
     let (b, n, d) = q.dims3()?;
+    if b == 0 || n == 0 {
+        return Ok(Some(q.clone()));
+    }
     if contexts.len() != b || d == 0 || k_pool.dim(1)? != d || v_pool.dim(1)? != d {
         candle_core::bail!(
             "decode attention: q {:?}, pools {:?}, {} contexts",
@@ -97,12 +100,9 @@ pub(crate) fn decode_attention(
 
     // Tasks of (sequence, group of heads): enough of them to give every thread work when the
     // batch is small, and no more (each group widens its sequence's context once).
-    let groups = rayon::current_num_threads().div_ceil(b).clamp(1, n.max(1));
-    let per_group = n.div_ceil(groups).max(1);
+    let groups = rayon::current_num_threads().div_ceil(b).clamp(1, n);
+    let per_group = n.div_ceil(groups);
     let mut out = vec![0f32; b * n * d];
-    if n == 0 {
-        return Ok(Some(Tensor::zeros((b, n, d), dtype, &Device::Cpu)?));
-    }
     out.par_chunks_mut(n * d).zip(q.par_chunks(n * d)).zip(contexts.par_iter()).for_each(|((out, q), ctx)| {
         out.par_chunks_mut(per_group * d).zip(q.par_chunks(per_group * d)).for_each(|(out, q)| {
             attend_one(q, out.len() / d, d, k, v, ctx, k_mul, out);

@@ -355,7 +355,6 @@ const PR: usize = 4;
 /// one the one-row path does: results do not depend on `M` or on how the rows are tiled.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn packed(x: &[f32], m: usize, k: usize, w: WeightSlice, r0: usize, r1: usize, out: Out) {
-    let table = e4m3_table();
     let kv = k & !7;
     let mut scratch = Scratch([0f32; PR * KC]);
     let scratch = &mut scratch.0;
@@ -445,18 +444,8 @@ unsafe fn packed(x: &[f32], m: usize, k: usize, w: WeightSlice, r0: usize, r1: u
             let row = r + i;
             for j in 0..m {
                 let mut s = hsum(acc[i * m + j]);
-                let xr = x.as_ptr().add(j * k);
                 for c in kv..k {
-                    let wv = match w {
-                        WeightSlice::F32(w) => w[row * k + c],
-                        WeightSlice::Bf16(w) => w[row * k + c].to_f32(),
-                        WeightSlice::F16(w) => w[row * k + c].to_f32(),
-                        WeightSlice::Fp8 { values, scales, block, round } => {
-                            let s = scales[(row / block[0]) * k.div_ceil(block[1]) + c / block[1]];
-                            round.apply(table[values[row * k + c] as usize] * s)
-                        }
-                    };
-                    s += *xr.add(c) * wv;
+                    s += x[j * k + c] * w.value(k, row, c);
                 }
                 out.set(j, row, s);
             }

@@ -76,6 +76,30 @@ impl WeightSlice<'_> {
         }
     }
 
+    /// Panics unless `x` is `[m, k]` and this weight `[n, k]` (with scales that match its blocks).
+    fn check(&self, x: &[f32], m: usize, k: usize, n: usize) {
+        assert_eq!(x.len(), m * k, "x is not [{m}, {k}]");
+        assert_eq!(self.elements(), n * k, "weight is not [{n}, {k}]");
+        if let WeightSlice::Fp8 { scales, block, .. } = self {
+            assert!(block[0] > 0 && block[1] > 0, "empty FP8 block");
+            assert_eq!(scales.len(), n.div_ceil(block[0]) * k.div_ceil(block[1]), "FP8 scales do not match");
+        }
+    }
+
+    /// Element `(r, c)` of this `[N, k]` weight in f32, dequantised and rounded as the products
+    /// use it (for the scalar K tails).
+    fn value(&self, k: usize, r: usize, c: usize) -> f32 {
+        match self {
+            Self::F32(w) => w[r * k + c],
+            Self::Bf16(w) => w[r * k + c].to_f32(),
+            Self::F16(w) => w[r * k + c].to_f32(),
+            Self::Fp8 { values, scales, block, round } => {
+                let s = scales[(r / block[0]) * k.div_ceil(block[1]) + c / block[1]];
+                round.apply(e4m3_table()[values[r * k + c] as usize] * s)
+            }
+        }
+    }
+
     fn bytes_per_element(&self) -> usize {
         match self {
             Self::F32(_) => 4,
@@ -176,12 +200,7 @@ pub fn matmul_t(x: &[f32], m: usize, k: usize, w: WeightSlice, n: usize) -> Vec<
 /// If the slices' lengths do not match `m`, `k`, `n` (callers check shapes first), or `isa` is
 /// a path this machine does not have.
 pub fn matmul_t_with(isa: Isa, x: &[f32], m: usize, k: usize, w: WeightSlice, n: usize) -> Vec<f32> {
-    assert_eq!(x.len(), m * k, "x is not [{m}, {k}]");
-    assert_eq!(w.elements(), n * k, "weight is not [{n}, {k}]");
-    if let WeightSlice::Fp8 { scales, block, .. } = w {
-        assert!(block[0] > 0 && block[1] > 0, "empty FP8 block");
-        assert_eq!(scales.len(), n.div_ceil(block[0]) * k.div_ceil(block[1]), "FP8 scales do not match");
-    }
+    w.check(x, m, k, n);
     assert!(isa == Isa::Scalar || Isa::available().contains(&isa), "{isa:?} is not available here");
     if m == 0 || n == 0 {
         return Vec::new();
@@ -236,13 +255,8 @@ impl Out {
 /// # Panics
 /// If `x`, `w` or `y` are too short for `m`, `k`, `n`, `ld`, or `ld < n`.
 pub fn matmul_t_into(x: &[f32], m: usize, k: usize, w: WeightSlice, n: usize, y: &mut [f32], ld: usize) {
-    assert_eq!(x.len(), m * k, "x is not [{m}, {k}]");
-    assert_eq!(w.elements(), n * k, "weight is not [{n}, {k}]");
+    w.check(x, m, k, n);
     assert!(ld >= n, "row stride {ld} is shorter than a row of {n}");
-    if let WeightSlice::Fp8 { scales, block, .. } = w {
-        assert!(block[0] > 0 && block[1] > 0, "empty FP8 block");
-        assert_eq!(scales.len(), n.div_ceil(block[0]) * k.div_ceil(block[1]), "FP8 scales do not match");
-    }
     if m == 0 || n == 0 {
         return;
     }
