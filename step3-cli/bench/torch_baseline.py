@@ -4,6 +4,8 @@ written from the project's architecture spec, timed on the same shapes as `step3
 
 Usage: torch_baseline.py attention|moe --json '{"hidden": 7168, ...}'  -> one JSON line per case:
        {"bench": ..., "case": ..., "us": median microseconds}
+       torch_baseline.py decode-model --json '{"config": {...}, "tensors": [[name, shape], ...],
+       "prompt": 256, "tokens": 64, "dtype": "bf16"}'  -> {"case": "prefill"|"decode", "tok_s": ...}
 Weights are zeros except the MoE router (random), as in `step3 bench`. Runs on CUDA when present.
 """
 import argparse
@@ -103,13 +105,50 @@ def moe(cfg, dev, dtype, run):
         print(json.dumps({"bench": "moe", "case": f"t{t}", "us": run(step, cfg["iters"])}), flush=True)
 
 
+def decode_model(cfg, dev, dtype, run):
+    """Prefill and greedy decode of a whole synthetic model with the fixtures' plain-PyTorch Step3
+    (tests/fixtures/gen/step3_ref.py: the Hugging Face code's ops, KV cache concatenated per step)
+    on random weights of the shapes given, as `step3 bench decode-model` runs its own."""
+    import os
+    import sys
+    here = os.path.dirname(os.path.abspath(__file__))
+    sys.path.insert(0, os.path.join(here, "..", "..", "tests", "fixtures", "gen"))
+    from step3_ref import Step3Text
+    torch.set_num_threads(os.cpu_count())  # step3_ref runs single-threaded for its goldens
+    torch.manual_seed(0)
+    weights = {}
+    for name, shape in cfg["tensors"]:
+        if name.endswith("norm.weight"):
+            weights[name] = torch.ones(shape)
+        elif name.endswith("moe.gate.weight"):
+            weights[name] = torch.randn(shape) / shape[-1] ** 0.5
+        else:  # uniform with standard deviation 1/sqrt(fan-in), as the Rust side's
+            weights[name] = (torch.rand(shape) * 2 - 1) * (3.0 / shape[-1]) ** 0.5
+    model = Step3Text(None, dtype, cfg=cfg["config"], weights=weights)
+    del weights
+    vocab = cfg["config"]["vocab_size"]
+    ids = torch.tensor([(i * 2654435761) % (1 << 32) % vocab for i in range(cfg["prompt"])])
+    cache = {}
+    t = time.perf_counter()
+    logits, _ = model.forward(ids, cache, 0, last_only=True)
+    nxt = int(logits[-1].argmax())
+    prefill = time.perf_counter() - t
+    t = time.perf_counter()
+    for step in range(cfg["tokens"]):
+        logits, _ = model.forward(torch.tensor([nxt]), cache, cfg["prompt"] + step)
+        nxt = int(logits[-1].argmax())
+    decode = time.perf_counter() - t
+    for case, v in [("prefill", cfg["prompt"] / prefill), ("decode", cfg["tokens"] / decode)]:
+        print(json.dumps({"bench": "decode-model", "case": case, "tok_s": v}), flush=True)
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
-    ap.add_argument("which", choices=["attention", "moe"])
+    ap.add_argument("which", choices=["attention", "moe", "decode-model"])
     ap.add_argument("--json", required=True)
     a = ap.parse_args()
     cfg = json.loads(a.json)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}[cfg.get("dtype", "bf16")]
     with torch.inference_mode():
-        (attention if a.which == "attention" else moe)(cfg, dev, dtype, timer(dev))
+        {"attention": attention, "moe": moe, "decode-model": decode_model}[a.which](cfg, dev, dtype, timer(dev))

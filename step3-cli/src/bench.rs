@@ -106,6 +106,10 @@ struct DecodeModelArgs {
     /// Sequences of the batched run (compared with one sequence).
     #[arg(long, default_value_t = 8)]
     batch: usize,
+    /// A python with PyTorch: the same model (same shapes, random weights) prefilled and decoded
+    /// by PyTorch eager (bench/torch_baseline.py with the fixtures' step3_ref.py), f32 and bf16.
+    #[arg(long)]
+    torch: Option<String>,
 }
 
 #[derive(Args)]
@@ -329,32 +333,41 @@ impl Ctx {
     /// Runs the PyTorch eager peer on the same shapes: case name -> µs.
     fn torch(&self, which: &str, cfg: serde_json::Value) -> HashMap<String, f64> {
         let Some(py) = &self.common.torch else { return HashMap::new() };
-        let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/torch_baseline.py");
-        let script = if script.is_file() { script } else { std::path::PathBuf::from("bench/torch_baseline.py") };
-        let out = std::process::Command::new(py).arg(&script).arg(which).arg("--json").arg(cfg.to_string()).output();
-        match out {
-            Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-                .filter_map(|v| Some((v.get("case")?.as_str()?.to_string(), v.get("us")?.as_f64()?)))
-                .collect(),
-            Ok(o) => {
-                eprintln!("torch baseline failed: {}", String::from_utf8_lossy(&o.stderr));
-                HashMap::new()
-            }
-            Err(e) => {
-                eprintln!("torch baseline: cannot run {py}: {e}");
-                HashMap::new()
-            }
-        }
+        torch_peer(py, which, &cfg, "us")
     }
 
-    fn vb(&self, cfg: &step3::TextConfig, fp8: bool) -> candle_nn::VarBuilder<'static> {
+    /// Synthetic weights: zeros (cheap at any size), or with `random` real random memory, which
+    /// a memory-bound measurement on the CPU needs (zero pages all map one physical page).
+    fn vb(&self, cfg: &step3::TextConfig, fp8: bool, random: bool) -> candle_nn::VarBuilder<'static> {
+        let synthetic = crate::synthetic::Synthetic::new(cfg, fp8);
         candle_nn::VarBuilder::from_backend(
-            Box::new(crate::synthetic::Synthetic::new(cfg, fp8)),
+            Box::new(if random { synthetic.random() } else { synthetic }),
             self.dtype,
             self.device.clone(),
         )
+    }
+}
+
+/// Runs `bench/torch_baseline.py WHICH --json CFG` with the python `py`: case name -> the
+/// figure `field` of each JSON line it prints. A failing peer is reported and gives nothing.
+fn torch_peer(py: &str, which: &str, cfg: &serde_json::Value, field: &str) -> HashMap<String, f64> {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/torch_baseline.py");
+    let script = if script.is_file() { script } else { std::path::PathBuf::from("bench/torch_baseline.py") };
+    let out = std::process::Command::new(py).arg(&script).arg(which).arg("--json").arg(cfg.to_string()).output();
+    match out {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter_map(|v| Some((v.get("case")?.as_str()?.to_string(), v.get(field)?.as_f64()?)))
+            .collect(),
+        Ok(o) => {
+            eprintln!("torch baseline failed: {}", String::from_utf8_lossy(&o.stderr));
+            HashMap::new()
+        }
+        Err(e) => {
+            eprintln!("torch baseline: cannot run {py}: {e}");
+            HashMap::new()
+        }
     }
 }
 
@@ -367,7 +380,7 @@ fn attention(c: &Ctx, batches: &[usize], contexts: &[usize]) -> Result<ExitCode>
     let cfg = crate::synthetic::config(c.common.scale, 1, &[])?;
     let attn = MfaAttention::new(
         &step3::mfa_config(&cfg, step3::WeightFormat::Dense),
-        c.vb(&cfg, false).pp("model.layers.0.self_attn"),
+        c.vb(&cfg, false, false).pp("model.layers.0.self_attn"),
     )?;
     let rope = RotaryEmbedding::new(cfg.rope_theta, cfg.head_dim, &c.device)?;
     let (h, q, nh, d) = (cfg.hidden_size, cfg.share_q_dim, cfg.num_attention_heads, cfg.head_dim);
@@ -443,7 +456,10 @@ fn moe(c: &Ctx, tokens: &[usize]) -> Result<ExitCode> {
         } else {
             step3::WeightFormat::Dense
         };
-        let block = MoeBlock::new(&step3::moe_config(&cfg, format), c.vb(&cfg, fp8).pp("model.layers.1"))?;
+        // On the CPU the experts are random (real memory, ~11 GB in bf16 at --scale 1): decode
+        // there streams them from DRAM, which zero pages would hide. One format at a time.
+        let random = !c.device.is_cuda();
+        let block = MoeBlock::new(&step3::moe_config(&cfg, format), c.vb(&cfg, fp8, random).pp("model.layers.1"))?;
         for &t in tokens {
             let x = Tensor::randn(0f32, 1.0, (t, h), &c.device)?.to_dtype(c.dtype)?;
             let (_, routing) = block.forward(&x)?;
@@ -474,7 +490,7 @@ fn moe(c: &Ctx, tokens: &[usize]) -> Result<ExitCode> {
 
 fn decode(c: &Ctx, batch: usize, context: usize) -> Result<ExitCode> {
     let cfg = crate::synthetic::config(c.common.scale, 4, &[2, 3])?;
-    let model = step3::Step3TextModel::new(&cfg, step3::WeightFormat::Dense, c.vb(&cfg, false))?;
+    let model = step3::Step3TextModel::new(&cfg, step3::WeightFormat::Dense, c.vb(&cfg, false, false))?;
     let mut cache = model.new_cache(batch, context + 1)?;
     let prompt = Tensor::zeros((batch, context), DType::U32, &c.device)?;
     model.forward(&prompt, &vec![context; batch], &mut cache, None)?;
@@ -594,7 +610,8 @@ fn decode_model(a: DecodeModelArgs) -> Result<ExitCode> {
     );
     println!("streaming read bandwidth (all {} cores, 1 GiB): {:.1} GB/s", rayon_threads(), bw / 1e9);
     println!("prompt {}, {} greedy tokens; floor = bandwidth / active bytes per token", a.prompt, a.tokens);
-    println!(
+    let torch_cols = a.torch.is_some();
+    print!(
         "{:>7} {:>10} {:>12} {:>12} {:>10} {:>7} {:>14} {:>9}",
         "weights",
         "MB/token",
@@ -605,6 +622,10 @@ fn decode_model(a: DecodeModelArgs) -> Result<ExitCode> {
         format!("batch {} t/s", a.batch),
         "vs batch 1"
     );
+    if torch_cols {
+        print!(" {:>13} {:>12} {:>9}", "torch prefill", "torch decode", "vs torch");
+    }
+    println!();
     for w in a.weights.split(',').map(str::trim) {
         let (dtype, fp8) = match w {
             "f32" => (DType::F32, false),
@@ -622,6 +643,17 @@ fn decode_model(a: DecodeModelArgs) -> Result<ExitCode> {
             dtype,
             Device::Cpu,
         );
+        // PyTorch first, in its own process, so the two models are never in memory together.
+        let torch = match (&a.torch, fp8) {
+            (Some(py), false) => {
+                let tensors: Vec<_> =
+                    step3::inventory::text_tensors(&cfg).into_iter().map(|t| (t.name, t.shape)).collect();
+                let spec = serde_json::json!({"config": cfg, "tensors": tensors, "prompt": a.prompt,
+                                              "tokens": a.tokens, "dtype": w});
+                torch_peer(py, "decode-model", &spec, "tok_s")
+            }
+            _ => HashMap::new(),
+        };
         let model = step3::Step3TextModel::new(&cfg, format, vb)?;
         let active = active_bytes_per_token(&cfg, dtype, fp8);
         let (prefill, decode) = greedy_run(&model, 1, a.prompt, a.tokens)?;
@@ -629,13 +661,23 @@ fn decode_model(a: DecodeModelArgs) -> Result<ExitCode> {
         let tps = a.tokens as f64 / decode;
         let floor = bw / active;
         let tps_b = (a.batch * a.tokens) as f64 / decode_b;
-        println!(
+        print!(
             "{w:>7} {:>10.1} {:>12.0} {tps:>12.1} {floor:>10.1} {:>6.2}x {tps_b:>14.1} {:>8.2}x",
             active / 1e6,
             a.prompt as f64 / prefill,
             tps / floor,
             tps_b / tps
         );
+        if torch_cols {
+            let (tp, td) = (torch.get("prefill").copied(), torch.get("decode").copied());
+            print!(
+                " {:>13} {:>12} {:>9}",
+                fmt_opt(tp),
+                td.map_or("-".into(), |t| format!("{t:.1}")),
+                td.map_or("-".into(), |t| format!("{:.2}x", tps / t))
+            );
+        }
+        println!();
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -26,7 +26,8 @@ impl Synthetic {
         }
     }
 
-    /// Every weight random (scaled by 1/sqrt(fan-in), norms 1), so that every byte is real memory.
+    /// Every weight random (uniform, standard deviation 1/sqrt(fan-in); norms 1), so that every
+    /// byte is real memory.
     pub fn random(mut self) -> Self {
         self.random = true;
         self
@@ -51,11 +52,11 @@ impl Synthetic {
                 return Tensor::ones(shape, dtype, dev);
             }
             let fan_in = *shape.last().unwrap_or(&1) as f64;
-            return Tensor::randn(0f32, (1.0 / fan_in.sqrt()) as f32, shape, dev)?.to_dtype(dtype);
+            return random_uniform(shape, (1.0 / fan_in.sqrt()) as f32, seed_of(name), dtype, dev);
         }
         if dtype == DType::F8E4M3 {
             let n: usize = shape.iter().product();
-            let bytes = if self.random { random_e4m3_bytes(n, name.len() as u64) } else { vec![0u8; n] };
+            let bytes = if self.random { random_e4m3_bytes(n, seed_of(name)) } else { vec![0u8; n] };
             return Tensor::from_raw_buffer(&bytes, DType::F8E4M3, shape, dev);
         }
         Tensor::zeros(shape, dtype, dev)
@@ -81,6 +82,42 @@ impl candle_nn::var_builder::SimpleBackend for Synthetic {
             Some(weight) => self.fp8 && self.tensors.get(weight).is_some_and(|(_, q)| *q),
             None => self.tensors.contains_key(name),
         }
+    }
+}
+
+/// A seed from a tensor's name (FNV-1a), so that every tensor gets its own values.
+fn seed_of(name: &str) -> u64 {
+    name.bytes().fold(0xCBF2_9CE4_8422_2325, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01B3))
+}
+
+/// A tensor of uniform random values with standard deviation `std`, made straight in `dtype`
+/// (f32, bf16, f16) in parallel chunks: Step3's real-size expert stacks hold billions of values,
+/// which a normal sampler through an f32 copy would take minutes and twice the memory to fill.
+fn random_uniform(shape: &[usize], std: f32, seed: u64, dtype: DType, dev: &Device) -> Result<Tensor> {
+    fn fill<T: Copy + Default + Send>(n: usize, seed: u64, a: f32, f: impl Fn(f32) -> T + Sync) -> Vec<T> {
+        use rayon::prelude::*;
+        const CHUNK: usize = 1 << 16;
+        let mut v = vec![T::default(); n];
+        v.par_chunks_mut(CHUNK).enumerate().for_each(|(c, out)| {
+            let mut state =
+                (seed ^ 0x9E37_79B9_7F4A_7C15).wrapping_add((c as u64).wrapping_mul(0xD1B5_4A32_D192_ED03)) | 1;
+            for o in out {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                // The top 24 bits, as a number in [-1, 1).
+                *o = f(a * ((state >> 40) as f32 * (2.0 / (1u64 << 24) as f32) - 1.0));
+            }
+        });
+        v
+    }
+    let n: usize = shape.iter().product();
+    // Uniform on [-a, a] has standard deviation a / sqrt(3).
+    let a = std * 3f32.sqrt();
+    match dtype {
+        DType::BF16 => Tensor::from_vec(fill(n, seed, a, half::bf16::from_f32), shape, dev),
+        DType::F16 => Tensor::from_vec(fill(n, seed, a, half::f16::from_f32), shape, dev),
+        _ => Tensor::from_vec(fill(n, seed, a, |x| x), shape, dev)?.to_dtype(dtype),
     }
 }
 
