@@ -161,7 +161,7 @@ struct VerifyArgs {
 }
 
 fn main() -> ExitCode {
-    step3::init_cpu_threads();
+    step3::init_cpu();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Logits(a) => logits(a),

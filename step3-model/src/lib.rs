@@ -52,7 +52,7 @@ pub use inventory::{ExpectedTensor, InventoryReport};
 pub use loader::{Fp8Storage, LoadOptions, Step3Checkpoint};
 pub use multimodal::{merge, Step3Model};
 pub use params::{kv_bytes_per_token, param_counts, ParamCounts};
-pub use runtime::init_cpu_threads;
+pub use runtime::{init_cpu, init_cpu_threads, keep_freed_memory};
 pub use sampling::{Sampled, Sampler, TokenLogprob};
 pub use shard::{check_layout, ExpertPlacement, Layout, LayoutError};
 pub use step3_config as config;
