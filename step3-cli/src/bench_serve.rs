@@ -28,6 +28,11 @@ pub struct ServeBenchArgs {
     /// Words of each prompt (random words, different for every request).
     #[arg(long, default_value_t = 200)]
     prompt_words: usize,
+    /// Words every prompt starts with, the same for all requests (a shared system prompt: the
+    /// engine's prefix cache serves them after the first request), before its own
+    /// --prompt-words.
+    #[arg(long, default_value_t = 0)]
+    shared_prefix_words: usize,
     /// Tokens generated per request (end-of-turn ignored).
     #[arg(long, default_value_t = 64)]
     gen_len: usize,
@@ -73,9 +78,13 @@ pub fn run(a: ServeBenchArgs) -> Result<ExitCode> {
             }
         };
         println!(
-            "serve bench: {base}, model {model}, {} prompt words + {} generated tokens per request",
-            a.prompt_words, a.gen_len
+            "serve bench: {base}, model {model}, {} shared + {} own prompt words, {} generated tokens per request",
+            a.shared_prefix_words, a.prompt_words, a.gen_len
         );
+        let shared = std::sync::Arc::new(match a.shared_prefix_words {
+            0 => String::new(),
+            n => words_prompt(n, 0x5EED) + " ",
+        });
         let mut rows = Vec::new();
         let mut salt = 0u64;
         for &c in &levels {
@@ -85,13 +94,14 @@ pub fn run(a: ServeBenchArgs) -> Result<ExitCode> {
             let mut workers = Vec::new();
             for w in 0..c {
                 let (http, base, model, next) = (http.clone(), base.clone(), model.clone(), next.clone());
+                let shared = shared.clone();
                 let key = a.api_key.clone();
                 let (words, gen_len) = (a.prompt_words, a.gen_len);
                 let seed = salt + w as u64 * 1_000_003;
                 workers.push(tokio::spawn(async move {
                     let mut samples = Vec::new();
                     while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < n {
-                        let prompt = words_prompt(words, seed + samples.len() as u64);
+                        let prompt = format!("{shared}{}", words_prompt(words, seed + samples.len() as u64));
                         let body = json!({"model": model, "prompt": prompt, "max_tokens": gen_len, "temperature": 0,
                             "ignore_eos": true, "stream": true, "stream_options": {"include_usage": true}});
                         let mut req = http.post(format!("{base}/v1/completions")).json(&body);
