@@ -6,7 +6,8 @@ Usage: torch_baseline.py attention|moe --json '{"hidden": 7168, ...}'  -> one JS
        {"bench": ..., "case": ..., "us": median microseconds}
        torch_baseline.py decode-model --json '{"config": {...}, "tensors": [[name, shape], ...],
        "prompt": 256, "tokens": 64, "dtype": "bf16"}'  -> {"case": "prefill"|"decode", "tok_s": ...}
-Weights are zeros except the MoE router (random), as in `step3 bench`. Runs on CUDA when present.
+Attention and MoE: weights are zeros except the MoE router (random), as in `step3 bench`; runs on
+CUDA when present. decode-model: random weights, on the CPU.
 """
 import argparse
 import json
