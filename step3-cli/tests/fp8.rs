@@ -50,9 +50,12 @@ fn weights_stay_compact_and_match_the_dequantised_model() {
         .sum();
     assert_eq!(bf16.storage_bytes(), on_disk);
 
-    // Dequantising per use or at load is the same math, bit for bit.
+    // The CPU kernels read the FP8 bytes in place and apply each block's scale once to the
+    // block's sum; a weight dequantised at load multiplies as f32. The same values up to f32
+    // rounding.
     let (a, b) = (logits(&compact), logits(&dequantized));
-    assert_eq!(a.flatten_all().unwrap().to_vec1::<f32>().unwrap(), b.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+    let err = step3_cli::verify::relative_error(&a, &b).unwrap();
+    assert!(err < 1e-5, "{err}");
 }
 
 #[test]

@@ -27,7 +27,7 @@ fn reduce(group: &dyn Communicator, t: Tensor) -> candle_core::Result<Tensor> {
 #[derive(Debug, Clone)]
 enum FeedForward {
     /// Dense SwiGLU (`mlp.*`): layers 0–3 and 60 of Step3.
-    Dense(SwiGluMlp),
+    Dense(Box<SwiGluMlp>),
     /// Routed experts plus the shared expert (`moe.*`, `share_expert.*`).
     Moe(Box<MoeBlock>),
 }
@@ -71,7 +71,12 @@ impl DecoderLayer {
                 experts_vb.pp("moe"),
             )?))
         } else {
-            FeedForward::Dense(SwiGluMlp::new(cfg.hidden_size, cfg.intermediate_size / tp, format, vb.pp("mlp"))?)
+            FeedForward::Dense(Box::new(SwiGluMlp::new(
+                cfg.hidden_size,
+                cfg.intermediate_size / tp,
+                format,
+                vb.pp("mlp"),
+            )?))
         };
         let attn = MfaConfig { num_heads: cfg.num_attention_heads / tp, ..mfa_config(cfg, format) };
         Ok(Self {

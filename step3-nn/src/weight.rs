@@ -4,7 +4,9 @@ use candle_nn::VarBuilder;
 use float8::F8E4M3;
 use rayon::prelude::*;
 
-use crate::cpu::{self, e4m3_table, Round, WeightSlice};
+use std::sync::{Arc, OnceLock};
+
+use crate::cpu::{self, e4m3_table, WeightSlice};
 
 /// How the checkpoint stores the weights of layers that may be quantised.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -58,7 +60,8 @@ impl Weight {
                 scale_inv.dims()
             )
         }
-        let fp8 = BlockFp8 { values, scale_inv, block, dtype: vb.dtype() };
+        let nan_free = NanFree::new(values.dims());
+        let fp8 = BlockFp8 { values, scale_inv, block, dtype: vb.dtype(), nan_free };
         Ok(if dequantize_at_load { Self::Dense(fp8.dequantize()?) } else { Self::BlockFp8(fp8) })
     }
 
@@ -74,7 +77,9 @@ impl Weight {
         Ok(match self {
             Self::Dense(t) => Self::Dense(t.get(i)?),
             Self::BlockFp8(q) => {
-                Self::BlockFp8(BlockFp8 { values: q.values.get(i)?, scale_inv: q.scale_inv.get(i)?, ..*q })
+                let values = q.values.get(i)?;
+                let nan_free = q.nan_free.slice(i, values.dims());
+                Self::BlockFp8(BlockFp8 { values, scale_inv: q.scale_inv.get(i)?, nan_free, ..*q })
             }
         })
     }
@@ -142,15 +147,11 @@ impl Weight {
                 else {
                     return Ok(None);
                 };
-                let round = match q.dtype {
-                    DType::BF16 => Round::Bf16,
-                    DType::F16 => Round::F16,
-                    _ => Round::None,
-                };
                 let v = &v[a..b];
                 // SAFETY: `F8E4M3` is `#[repr(transparent)]` over its `u8` bits.
                 let values = unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), v.len()) };
-                cpu::matmul_t(&x, m, k, WeightSlice::Fp8 { values, scales: &s[sa..sb], block: q.block, round }, n)
+                let nan_free = q.nan_free.get(values);
+                cpu::matmul_t(&x, m, k, WeightSlice::Fp8 { values, scales: &s[sa..sb], block: q.block, nan_free }, n)
             }
             _ => return Ok(None),
         };
@@ -219,13 +220,50 @@ pub fn tensor_bytes(t: &Tensor) -> usize {
 
 /// Block-FP8 weight: `values` `[..., R, C]` in `float8_e4m3fn`, `scale_inv`
 /// `[..., ceil(R/b0), ceil(C/b1)]` in f32; `W[r, c] = f32(values[r, c]) · scale_inv[r/b0, c/b1]`
-/// (edge blocks may be partial). Dequantised to `dtype` on use.
+/// (edge blocks may be partial). Dequantised to `dtype` on use, except by the CPU's skinny
+/// products ([`crate::cpu`]), which read the bytes in place and apply each block's scale once.
 #[derive(Debug, Clone)]
 pub struct BlockFp8 {
     values: Tensor,
     scale_inv: Tensor,
     block: [usize; 2],
     dtype: DType,
+    nan_free: NanFree,
+}
+
+/// Per 2-D matrix of a (stacked) FP8 weight, whether its bytes hold no e4m3 NaN code (what the
+/// CPU kernels' vector paths need, [`cpu::fp8_nan_free`]): found by one scan on the matrix's first
+/// skinny product and remembered, also across the per-expert slices [`Weight::get`] makes.
+#[derive(Debug, Clone)]
+struct NanFree {
+    flags: Arc<[OnceLock<bool>]>,
+    /// The first of `flags` that this weight's matrices use.
+    first: usize,
+}
+
+impl NanFree {
+    /// One flag per matrix of a weight of shape `dims` (at least 2-D).
+    fn new(dims: &[usize]) -> Self {
+        let matrices = Self::matrices(dims);
+        Self { flags: (0..matrices).map(|_| OnceLock::new()).collect(), first: 0 }
+    }
+
+    fn matrices(dims: &[usize]) -> usize {
+        dims[..dims.len().saturating_sub(2)].iter().product()
+    }
+
+    /// The flags of slice `i` along the first dimension, whose shape is `dims`.
+    fn slice(&self, i: usize, dims: &[usize]) -> Self {
+        Self { flags: self.flags.clone(), first: self.first + i * Self::matrices(dims) }
+    }
+
+    /// The flag of a 2-D weight whose bytes are `values`, scanning them the first time.
+    fn get(&self, values: &[u8]) -> bool {
+        match self.flags.get(self.first) {
+            Some(flag) => *flag.get_or_init(|| cpu::fp8_nan_free(values)),
+            None => cpu::fp8_nan_free(values),
+        }
+    }
 }
 
 impl BlockFp8 {
@@ -238,7 +276,8 @@ impl BlockFp8 {
         if scale_inv.dims() != want.as_slice() {
             candle_core::bail!("block-FP8 scales: expected {want:?}, got {:?}", scale_inv.dims())
         }
-        Ok(Self { values, scale_inv: scale_inv.to_dtype(DType::F32)?, block, dtype })
+        let nan_free = NanFree::new(values.dims());
+        Ok(Self { values, scale_inv: scale_inv.to_dtype(DType::F32)?, block, dtype, nan_free })
     }
 
     /// The scale shape for a weight of shape `dims` and `block`.
@@ -465,8 +504,9 @@ mod tests {
         Ok(())
     }
 
-    /// In bf16 the tiled f32 product uses exactly the bf16-rounded weights: it agrees with a bf16
-    /// matmul on the dequantised bf16 weight to bf16 output rounding.
+    /// In bf16 the tiled f32 product (more rows than the skinny kernels take) uses exactly the
+    /// bf16-rounded weights: it agrees with a bf16 matmul on the dequantised bf16 weight to bf16
+    /// output rounding.
     #[test]
     fn bf16_tiles_use_the_bf16_rounded_weights() -> Result<()> {
         let dev = Device::Cpu;
@@ -476,7 +516,7 @@ mod tests {
         let q = BlockFp8::new(Tensor::from_vec(bits, (r, c), &dev)?, scales, block, DType::BF16)?;
         let w_bf16 = q.dequantize()?;
         assert_eq!(w_bf16.dtype(), DType::BF16);
-        let x = Tensor::randn(0f32, 1.0, (4, c), &dev)?.to_dtype(DType::BF16)?;
+        let x = Tensor::randn(0f32, 1.0, (cpu::MAX_ROWS + 4, c), &dev)?.to_dtype(DType::BF16)?;
         let tiled = Weight::BlockFp8(q).matmul_t(&x)?;
         assert_eq!(tiled.dtype(), DType::BF16);
         let exact = x.to_dtype(DType::F32)?.matmul(&w_bf16.to_dtype(DType::F32)?.t()?)?;

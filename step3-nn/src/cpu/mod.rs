@@ -4,11 +4,14 @@
 //!
 //! The weight is read in place (the tensor's own storage: f32, bf16, f16 or block-FP8 e4m3 values
 //! with their per-block f32 scales), never converted or copied as a whole; activations are f32 and
-//! every product is accumulated in f32. Block-FP8 values are dequantised in registers, eight at a
-//! time: the block's scale is folded into the one multiply that widens the byte to f32, so each
-//! weight is `f32(e4m3 · scale)` (rounded to bf16/f16 when the compute dtype is, as a reference
-//! that dequantises to its dtype first does) and an FP8 product equals, bit for bit, the product
-//! with the weight dequantised beforehand. The output rows are split in contiguous chunks over
+//! every product is accumulated in f32. Block-FP8 values are widened in registers, sixteen at a
+//! time, to their exact e4m3 values, and each block's scale is applied once per block:
+//! `y = Σ_b scale_b · (Σ_{c ∈ b} e4m3(w_c) · x_c)`. That is the product with the weight dequantised
+//! to f32 up to f32 rounding (in a bf16 or f16 compute dtype it is closer to the exact product
+//! than a reference that rounds each dequantised weight to bf16 first), and it costs one multiply-add
+//! per weight, as bf16 does, so FP8 decode streams at memory speed. Weights that hold an e4m3 NaN
+//! code (never the case in a real checkpoint; [`fp8_nan_free`]) take the scalar loop, which keeps
+//! the NaN. The output rows are split in contiguous chunks over
 //! rayon's global pool (the pool candle's GEMM runs on, so the two never compete for the cores).
 //!
 //! Two smaller entry points serve kernels of other crates that run their own parallel tasks (the
@@ -36,34 +39,22 @@ pub enum WeightSlice<'a> {
     Bf16(&'a [half::bf16]),
     F16(&'a [half::f16]),
     /// `float8_e4m3fn` bytes `[N, K]` and f32 scales `[ceil(N/b0), ceil(K/b1)]` for
-    /// `block = [b0, b1]`: `W[r, c] = round(e4m3(values[r, c]) · scales[r/b0, c/b1])`.
+    /// `block = [b0, b1]`: `W[r, c] = e4m3(values[r, c]) · scales[r/b0, c/b1]`, each scale applied
+    /// once to its block's partial sum. `nan_free` says that no byte is an e4m3 NaN code
+    /// (`0x7F`, `0xFF`; [`fp8_nan_free`] finds out): only then do the vector paths run, since they
+    /// read those codes as finite values.
     Fp8 {
         values: &'a [u8],
         scales: &'a [f32],
         block: [usize; 2],
-        round: Round,
+        nan_free: bool,
     },
 }
 
-/// The precision a dequantised FP8 weight is rounded to before it multiplies (the compute dtype).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Round {
-    /// Kept in f32.
-    None,
-    /// Rounded to the nearest bf16 (ties to even).
-    Bf16,
-    /// Rounded to the nearest f16 (ties to even).
-    F16,
-}
-
-impl Round {
-    pub fn apply(self, v: f32) -> f32 {
-        match self {
-            Round::None => v,
-            Round::Bf16 => half::bf16::from_f32(v).to_f32(),
-            Round::F16 => half::f16::from_f32(v).to_f32(),
-        }
-    }
+/// Whether no byte of `values` is one of the two `float8_e4m3fn` NaN codes (`0x7F`, `0xFF`): one
+/// pass over the bytes, on rayon's pool.
+pub fn fp8_nan_free(values: &[u8]) -> bool {
+    values.par_chunks(1 << 16).all(|c| !c.iter().fold(false, |any, b| any | (b & 0x7F == 0x7F)))
 }
 
 impl WeightSlice<'_> {
@@ -86,16 +77,16 @@ impl WeightSlice<'_> {
         }
     }
 
-    /// Element `(r, c)` of this `[N, k]` weight in f32, dequantised and rounded as the products
-    /// use it (for the scalar K tails).
+    /// Element `(r, c)` of this `[N, k]` weight in f32, dequantised (for the scalar K tails: each
+    /// of their FP8 products is `x · f32(e4m3 · scale)`).
     fn value(&self, k: usize, r: usize, c: usize) -> f32 {
         match self {
             Self::F32(w) => w[r * k + c],
             Self::Bf16(w) => w[r * k + c].to_f32(),
             Self::F16(w) => w[r * k + c].to_f32(),
-            Self::Fp8 { values, scales, block, round } => {
+            Self::Fp8 { values, scales, block, .. } => {
                 let s = scales[(r / block[0]) * k.div_ceil(block[1]) + c / block[1]];
-                round.apply(e4m3_table()[values[r * k + c] as usize] * s)
+                e4m3_table()[values[r * k + c] as usize] * s
             }
         }
     }
@@ -171,9 +162,11 @@ impl Isa {
         match self {
             Isa::Scalar => false,
             #[cfg(target_arch = "x86_64")]
-            // Eight values share a scale, and `scale · 2^8` is finite.
+            // Eight values share a scale, `scale · 2^8` is finite, and no value is a NaN code.
             Isa::Avx2 => match w {
-                WeightSlice::Fp8 { block, scales, .. } => block[1] % 8 == 0 && scales.iter().all(|s| s.abs() < 1e30),
+                WeightSlice::Fp8 { block, scales, nan_free, .. } => {
+                    *nan_free && block[1] % 8 == 0 && scales.iter().all(|s| s.abs() < 1e30)
+                }
                 _ => true,
             },
             #[cfg(not(target_arch = "x86_64"))]
@@ -322,7 +315,8 @@ pub fn e4m3_table() -> &'static [f32; 256] {
 }
 
 /// The portable loop: per output element a dot product in f32 (eight interleaved partial sums,
-/// so it vectorises where the compiler can), FP8 weights dequantised per element.
+/// so it vectorises where the compiler can); for FP8 one such dot product of the e4m3 values per
+/// scale block, times the block's scale.
 fn scalar_rows(x: &[f32], m: usize, k: usize, w: WeightSlice, r0: usize, r1: usize, out: Out) {
     fn dot(x: &[f32], w: impl Iterator<Item = f32>) -> f32 {
         let mut acc = [0f32; 8];
@@ -338,13 +332,13 @@ fn scalar_rows(x: &[f32], m: usize, k: usize, w: WeightSlice, r0: usize, r1: usi
                 WeightSlice::F32(w) => dot(xr, w[r * k..(r + 1) * k].iter().copied()),
                 WeightSlice::Bf16(w) => dot(xr, w[r * k..(r + 1) * k].iter().map(|v| v.to_f32())),
                 WeightSlice::F16(w) => dot(xr, w[r * k..(r + 1) * k].iter().map(|v| v.to_f32())),
-                WeightSlice::Fp8 { values, scales, block, round } => {
+                WeightSlice::Fp8 { values, scales, block, .. } => {
                     let table = e4m3_table();
                     let cb = k.div_ceil(block[1]);
                     let srow = &scales[(r / block[0]) * cb..][..cb];
                     let wr = &values[r * k..(r + 1) * k];
-                    let w = wr.iter().enumerate().map(|(c, b)| round.apply(table[*b as usize] * srow[c / block[1]]));
-                    dot(xr, w)
+                    let blocks = xr.chunks(block[1]).zip(wr.chunks(block[1])).zip(srow);
+                    blocks.fold(0f32, |y, ((x, w), s)| y + s * dot(x, w.iter().map(|b| table[*b as usize])))
                 }
             };
             // SAFETY: `j < m`, `r` in this chunk's rows `r0..r1 <= n`.
@@ -376,13 +370,13 @@ mod tests {
             WeightSlice::F32(w) => w.iter().map(|v| *v as f64).collect(),
             WeightSlice::Bf16(w) => w.iter().map(|v| v.to_f64()).collect(),
             WeightSlice::F16(w) => w.iter().map(|v| v.to_f64()).collect(),
-            WeightSlice::Fp8 { values, scales, block, round } => {
+            WeightSlice::Fp8 { values, scales, block, .. } => {
                 let cb = k.div_ceil(block[1]);
                 (0..n * k)
                     .map(|i| {
                         let (r, c) = (i / k, i % k);
                         let s = scales[(r / block[0]) * cb + c / block[1]];
-                        round.apply(e4m3_table()[values[i] as usize] * s) as f64
+                        e4m3_table()[values[i] as usize] as f64 * s as f64
                     })
                     .collect()
             }
@@ -457,15 +451,14 @@ mod tests {
                 .collect();
             let sn = n.div_ceil(block[0]) * k.div_ceil(block[1]);
             let scales: Vec<f32> = vals(sn, 70 + seed as u64).iter().map(|v| (v.abs() + 0.1) / 448.0).collect();
-            for round in [Round::None, Round::Bf16, Round::F16] {
-                check(&x, m, k, WeightSlice::Fp8 { values: &values, scales: &scales, block, round }, n);
-            }
+            check(&x, m, k, WeightSlice::Fp8 { values: &values, scales: &scales, block, nan_free: true }, n);
         }
     }
 
     /// Each of the 256 codes alone in a row, times 1, under a power-of-two scale and under one
-    /// whose products need rounding: every path and rounding decodes it as the dequantisation
-    /// does, NaN codes included (they must stay NaN through the bf16 and f16 roundings).
+    /// whose products need rounding: every path decodes it as the dequantisation does,
+    /// `f32(e4m3 · scale)`. The 254 finite codes run on the vector paths; a weight holding the NaN
+    /// codes is found out ([`fp8_nan_free`]) and keeps them NaN on the scalar loop.
     #[test]
     fn all_256_fp8_codes_decode_exactly() {
         let (k, n) = (16, 256);
@@ -473,6 +466,8 @@ mod tests {
         for code in 0..256 {
             values[code * k + 5] = code as u8;
         }
+        let finite: Vec<u8> = values.iter().map(|&b| if b & 0x7F == 0x7F { 0 } else { b }).collect();
+        assert!(!fp8_nan_free(&values) && fp8_nan_free(&finite));
         // Three identical rows: the one-row and the packed paths.
         let mut x = vec![0f32; 3 * k];
         for j in 0..3 {
@@ -480,16 +475,16 @@ mod tests {
         }
         for scale in [0.5f32, 0.013_671_877, -3.3e-3] {
             let scales = vec![scale; n.div_ceil(128) * k.div_ceil(16)];
-            for round in [Round::None, Round::Bf16, Round::F16] {
+            for (values, nan_free) in [(&finite, true), (&values, false)] {
                 for (isa, m) in Isa::available().into_iter().flat_map(|isa| [(isa, 1), (isa, 3)]) {
-                    let w = WeightSlice::Fp8 { values: &values, scales: &scales, block: [128, 16], round };
+                    let w = WeightSlice::Fp8 { values, scales: &scales, block: [128, 16], nan_free };
                     let y = matmul_t_with(isa, &x[..m * k], m, k, w, n);
                     for (i, &got) in y.iter().enumerate() {
-                        let code = i % n;
-                        let want = round.apply(float8::F8E4M3::from_bits(code as u8).to_f32() * scale);
+                        let code = values[(i % n) * k + 5];
+                        let want = float8::F8E4M3::from_bits(code).to_f32() * scale;
                         assert!(
                             got == want || (got.is_nan() && want.is_nan()),
-                            "{isa:?} {round:?} scale {scale} code {code:#04x}: {got} vs {want}"
+                            "{isa:?} scale {scale} code {code:#04x}: {got} vs {want}"
                         );
                     }
                 }
@@ -497,33 +492,38 @@ mod tests {
         }
     }
 
-    /// An FP8 product is the product with the weight dequantised first, bit for bit, on every
-    /// path and in every rounding (so compact and dequantised-at-load checkpoints agree exactly).
-    /// A scale of 1e30 or more (no real checkpoint has one: it is `amax / 448`) sends FP8 to the
-    /// scalar loop, which is still exact to f32 rounding against f64.
+    /// Each scale multiplies its block's sum once: on every path the FP8 product is the product
+    /// with the dequantised weight to f32 rounding (against f64), with blocks narrower and wider
+    /// than the packed path's chunk, and K tails. A scale of 1e30 or more (no real checkpoint has
+    /// one: it is `amax / 448`) sends FP8 to the scalar loop. A NaN code in a row makes that row's
+    /// outputs NaN and no others.
     #[test]
-    fn fp8_equals_the_dequantised_weight_bit_for_bit() {
-        for (seed, (m, k, n, big)) in
-            [(1, 300, 37, false), (5, 264, 12, false), (2, 136, 9, true)].into_iter().enumerate()
+    fn fp8_applies_each_block_scale_once() {
+        for (seed, (m, k, n, block, big)) in [
+            (1, 300, 37, [8, 128], false),
+            (5, 264, 12, [8, 128], false),
+            (4, 1030, 9, [4, 512], false),
+            (3, 200, 10, [2, 24], false),
+            (2, 136, 9, [8, 128], true),
+        ]
+        .into_iter()
+        .enumerate()
         {
             let x = vals(m * k, 7 + seed as u64);
-            let values: Vec<u8> = vals(n * k, 9 + seed as u64).iter().map(|v| ((v + 1.0) * 63.0) as u8).collect();
-            let block = [8, 128];
+            let mut values: Vec<u8> = vals(n * k, 9 + seed as u64).iter().map(|v| ((v + 1.0) * 63.0) as u8).collect();
             let sn = n.div_ceil(block[0]) * k.div_ceil(block[1]);
             let mut scales: Vec<f32> = vals(sn, 11).iter().map(|v| v.abs() * 0.01 + 1e-3).collect();
             if big {
                 scales[0] = 1e31;
             }
-            for round in [Round::None, Round::Bf16, Round::F16] {
-                let w = WeightSlice::Fp8 { values: &values, scales: &scales, block, round };
-                let deq: Vec<f32> = dense(w, n, k).iter().map(|v| *v as f32).collect();
-                for isa in Isa::available() {
-                    let a = matmul_t_with(isa, &x, m, k, w, n);
-                    let b = matmul_t_with(isa, &x, m, k, WeightSlice::F32(&deq), n);
-                    let same = a.iter().zip(&b).all(|(a, b)| a.to_bits() == b.to_bits());
-                    assert!(same || (big && isa != Isa::Scalar), "{isa:?} {round:?} m={m} k={k} n={n}");
+            check(&x, m, k, WeightSlice::Fp8 { values: &values, scales: &scales, block, nan_free: true }, n);
+            values[2 * k + k / 2] = 0xFF;
+            let w = WeightSlice::Fp8 { values: &values, scales: &scales, block, nan_free: fp8_nan_free(&values) };
+            for isa in Isa::available() {
+                let y = matmul_t_with(isa, &x, m, k, w, n);
+                for (i, v) in y.iter().enumerate() {
+                    assert_eq!(v.is_nan(), i % n == 2, "{isa:?} m={m} k={k} n={n} output {i}: {v}");
                 }
-                check(&x, m, k, w, n);
             }
         }
     }
@@ -538,17 +538,19 @@ mod tests {
             let wb: Vec<_> = wf.iter().map(|v| half::bf16::from_f32(*v)).collect();
             let wh: Vec<_> = wf.iter().map(|v| half::f16::from_f32(*v)).collect();
             let values: Vec<u8> = wf.iter().map(|v| ((v + 1.0) * 63.0) as u8).collect();
-            let block = [8, 128];
-            let scales: Vec<f32> =
-                vals(n.div_ceil(8) * k.div_ceil(128), 3).iter().map(|v| v.abs() * 0.01 + 1e-3).collect();
-            let fp8 = |round| WeightSlice::Fp8 { values: &values, scales: &scales, block, round };
+            // Scale blocks narrower and wider than the packed path's chunk.
+            let (narrow, wide) = ([8, 128], [4, 512]);
+            let scales = |b: [usize; 2]| -> Vec<f32> {
+                vals(n.div_ceil(b[0]) * k.div_ceil(b[1]), 3).iter().map(|v| v.abs() * 0.01 + 1e-3).collect()
+            };
+            let (s_narrow, s_wide) = (scales(narrow), scales(wide));
+            let fp8 = |block, scales| WeightSlice::Fp8 { values: &values, scales, block, nan_free: true };
             let weights = [
                 WeightSlice::F32(&wf),
                 WeightSlice::Bf16(&wb),
                 WeightSlice::F16(&wh),
-                fp8(Round::None),
-                fp8(Round::Bf16),
-                fp8(Round::F16),
+                fp8(narrow, &s_narrow),
+                fp8(wide, &s_wide),
             ];
             for m in [2, 3, 4, 7, 8, 16, 17] {
                 let x = vals(m * k, 60 + m as u64);
