@@ -20,7 +20,7 @@
 //! times V).
 //!
 //! The instruction set is chosen once at run time ([`Isa::detected`]): AVX2+FMA+F16C on x86-64,
-//! else a portable scalar loop. `STEP3_CPU_KERNEL=scalar` forces the scalar loop and
+//! NEON on aarch64, else a portable scalar loop. `STEP3_CPU_KERNEL=scalar` forces the scalar loop and
 //! `STEP3_CPU_KERNEL=off` turns the kernels off ([`crate::Weight`] then takes candle's GEMM for
 //! every product, as before these kernels existed: for comparisons); tests call
 //! [`matmul_t_with`] with each [`Isa::available`] path.
@@ -31,6 +31,8 @@ use rayon::prelude::*;
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+#[cfg(target_arch = "aarch64")]
+mod neon;
 
 /// A weight matrix `[N, K]`, row-major, borrowed from its tensor's storage.
 #[derive(Debug, Clone, Copy)]
@@ -107,6 +109,8 @@ pub enum Isa {
     Scalar,
     /// x86-64 AVX2 + FMA + F16C.
     Avx2,
+    /// aarch64 NEON (Advanced SIMD).
+    Neon,
 }
 
 /// `STEP3_CPU_KERNEL`, read once: `Some(None)` off, `Some(Some(Scalar))` forced scalar.
@@ -130,6 +134,7 @@ pub fn describe() -> String {
         (false, _) => "off (candle GEMM)".into(),
         (true, Isa::Scalar) => "scalar".into(),
         (true, Isa::Avx2) => "avx2+fma+f16c".into(),
+        (true, Isa::Neon) => "neon".into(),
     }
 }
 
@@ -154,6 +159,10 @@ impl Isa {
         {
             v.push(Isa::Avx2);
         }
+        #[cfg(target_arch = "aarch64")]
+        if std::arch::is_aarch64_feature_detected!("neon") {
+            v.push(Isa::Neon);
+        }
         v
     }
 
@@ -171,6 +180,14 @@ impl Isa {
             },
             #[cfg(not(target_arch = "x86_64"))]
             Isa::Avx2 => false,
+            // Eight values share a scale, and no value is a NaN code.
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon => match w {
+                WeightSlice::Fp8 { block, nan_free, .. } => *nan_free && block[1] % 8 == 0,
+                _ => true,
+            },
+            #[cfg(not(target_arch = "aarch64"))]
+            Isa::Neon => false,
         }
     }
 }
@@ -302,6 +319,13 @@ fn rows(isa: Isa, x: &[f32], m: usize, k: usize, w: WeightSlice, r0: usize, r1: 
         // SAFETY: AVX2, FMA and F16C were detected (`Isa::available`,
         // `Isa::vectorizes`); the slice lengths were checked by `matmul_t_with`.
         unsafe { avx2::rows(x, m, k, w, r0, r1, out) };
+        return;
+    }
+    #[cfg(target_arch = "aarch64")]
+    if isa == Isa::Neon && isa.vectorizes(&w) {
+        // SAFETY: NEON was detected (`Isa::available`); the slice lengths were checked by
+        // `matmul_t_with`.
+        unsafe { neon::rows(x, m, k, w, r0, r1, out) };
         return;
     }
     let _ = isa;
