@@ -64,6 +64,7 @@ pub(crate) struct NewSequence {
     forced: Vec<u32>,
     after_reasoning: Vec<u32>,
     plain: bool,
+    ignore_tool_calls: bool,
     tx: UnboundedSender<Event>,
     cancel: Arc<AtomicBool>,
     submitted: Instant,
@@ -389,6 +390,7 @@ impl Engine {
             forced: request.forced,
             after_reasoning: request.after_reasoning,
             plain: request.plain,
+            ignore_tool_calls: request.ignore_tool_calls,
             tx,
             cancel: cancel.clone(),
             submitted: Instant::now(),
@@ -526,9 +528,10 @@ impl Runner {
         if !seq.prepared.opens_reasoning || seq.plain {
             forced.extend(after_reasoning.drain(..));
         }
-        let decoder = match seq.plain {
-            true => TextDecoder::plain(seq.stop),
-            false => TextDecoder::new(seq.stop, seq.prepared.opens_reasoning),
+        let decoder = match (seq.plain, seq.ignore_tool_calls) {
+            (true, _) => TextDecoder::plain(seq.stop),
+            (false, false) => TextDecoder::new(seq.stop, seq.prepared.opens_reasoning),
+            (false, true) => TextDecoder::new(seq.stop, seq.prepared.opens_reasoning).without_tool_calls(),
         };
         self.active.insert(
             seq.id,

@@ -39,6 +39,9 @@ pub struct Request {
     pub after_reasoning: Vec<u32>,
     /// Plain text out: no reasoning / answer / tool-call split (plain completions).
     pub plain: bool,
+    /// Tool-call markup stays answer text, never parsed into [`Event::ToolCall`]: for a request
+    /// that offered the model no tools.
+    pub ignore_tool_calls: bool,
 }
 
 impl Default for Prompt {

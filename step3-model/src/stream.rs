@@ -206,6 +206,11 @@ pub struct OutputParser {
     pending: String,
     /// Nothing has been emitted yet (a leading `<think>` is dropped).
     at_start: bool,
+    /// Tool-call markup is parsed (else it is answer text: the request offered no tools).
+    tool_calls: bool,
+    /// The current `<｜tool_calls_begin｜>` has been neither parsed into a call nor shown: text
+    /// shown from its section (an unparseable or unfinished call) starts with it, as written.
+    marker_unshown: bool,
 }
 
 impl OutputParser {
@@ -215,7 +220,15 @@ impl OutputParser {
             section: if in_reasoning { Section::Reasoning } else { Section::Content },
             pending: String::new(),
             at_start: true,
+            tool_calls: true,
+            marker_unshown: false,
         }
+    }
+
+    /// Tool-call markup is left in the answer as text (for a request that offered no tools).
+    pub fn without_tool_calls(mut self) -> Self {
+        self.tool_calls = false;
+        self
     }
 
     fn emit(&self, text: &str, out: &mut Vec<OutputEvent>) {
@@ -255,12 +268,18 @@ impl OutputParser {
                     }
                     None => return self.emit_safe(&[THINK_END], out),
                 },
+                Section::Content if !self.tool_calls => {
+                    let text = std::mem::take(&mut self.pending);
+                    self.emit(&text, &mut out);
+                    return out;
+                }
                 Section::Content => match self.pending.find(TOOL_CALLS_BEGIN) {
                     Some(i) => {
                         let before = self.pending[..i].to_string();
                         self.emit(&before, &mut out);
                         self.pending.drain(..i + TOOL_CALLS_BEGIN.len());
                         self.section = Section::ToolCalls;
+                        self.marker_unshown = true;
                     }
                     None => return self.emit_safe(&[TOOL_CALLS_BEGIN], out),
                 },
@@ -270,6 +289,7 @@ impl OutputParser {
                             // Closing marker: anything after it is answer text again.
                             self.pending.drain(..i + TOOL_CALLS_END.len());
                             self.section = Section::Content;
+                            self.marker_unshown = false;
                             continue;
                         }
                         return out;
@@ -278,11 +298,15 @@ impl OutputParser {
                     self.pending.drain(..end + TOOL_CALL_END.len());
                     let body = call.split_once(TOOL_CALL_BEGIN).map_or(call.as_str(), |(_, b)| b);
                     match ToolCall::parse(body) {
-                        Some(tc) => out.push(OutputEvent::ToolCall(tc)),
+                        Some(tc) => {
+                            self.marker_unshown = false;
+                            out.push(OutputEvent::ToolCall(tc))
+                        }
                         None => {
                             // Unparseable: show it as text rather than lose it.
                             let prev = std::mem::replace(&mut self.section, Section::Content);
-                            self.emit(&call, &mut out);
+                            let marker = if std::mem::take(&mut self.marker_unshown) { TOOL_CALLS_BEGIN } else { "" };
+                            self.emit(&format!("{marker}{call}"), &mut out);
                             self.section = prev;
                         }
                     }
@@ -300,9 +324,12 @@ impl OutputParser {
     /// Everything still held back, at the end of generation.
     pub fn finish(&mut self) -> Vec<OutputEvent> {
         let mut out = Vec::new();
-        let rest = std::mem::take(&mut self.pending);
+        let mut rest = std::mem::take(&mut self.pending);
         if self.section == Section::ToolCalls {
-            // An unfinished call: keep its text as answer text.
+            // An unfinished call: keep its text as answer text, as the model wrote it.
+            if std::mem::take(&mut self.marker_unshown) {
+                rest.insert_str(0, TOOL_CALLS_BEGIN);
+            }
             self.section = Section::Content;
         }
         self.emit(&rest, &mut out);
@@ -331,6 +358,12 @@ impl TextDecoder {
             parser: Some(OutputParser::new(opens_reasoning)),
             stopped: false,
         }
+    }
+
+    /// Tool-call markup stays in the answer as text (a request that offered no tools).
+    pub fn without_tool_calls(mut self) -> Self {
+        self.parser = self.parser.map(OutputParser::without_tool_calls);
+        self
     }
 
     /// The text as written, all of it content (no reasoning or tool-call split): what a plain
@@ -457,7 +490,57 @@ mod tests {
         assert_eq!(run(&["a</thi"], true), vec![OutputEvent::Reasoning("a</thi".into())]);
         // An unparseable call stays visible as text.
         let bad = "</think>x<｜tool_calls_begin｜><｜tool_call_begin｜>garbage<｜tool_call_end｜>";
-        assert_eq!(run(&[bad], true), vec![OutputEvent::Content("x<｜tool_call_begin｜>garbage".into())]);
+        let shown = "x<｜tool_calls_begin｜><｜tool_call_begin｜>garbage";
+        assert_eq!(run(&[bad], true), vec![OutputEvent::Content(shown.into())]);
+    }
+
+    /// A tool-call section cut off before any call closed comes back as written, its opening
+    /// marker included; after a parsed call, the unfinished rest does. Whole or in pieces alike.
+    #[test]
+    fn an_unfinished_tool_call_stays_text_as_written() {
+        let cut =
+            "x</think>ok<｜tool_calls_begin｜><｜tool_call_begin｜>function<｜tool_sep｜><steptml:invoke name=\"g";
+        let want = vec![
+            OutputEvent::Reasoning("x".into()),
+            OutputEvent::Content(
+                "ok<｜tool_calls_begin｜><｜tool_call_begin｜>function<｜tool_sep｜><steptml:invoke name=\"g".into(),
+            ),
+        ];
+        let one = "<｜tool_call_begin｜>function<｜tool_sep｜><steptml:invoke name=\"now\"></steptml:invoke><｜tool_call_end｜>";
+        let after = format!("</think><｜tool_calls_begin｜>{one}<｜tool_call_begin｜>func");
+        let want_after = vec![
+            OutputEvent::ToolCall(ToolCall { name: "now".into(), arguments: vec![] }),
+            OutputEvent::Content("<｜tool_call_begin｜>func".into()),
+        ];
+        for n in [1, 3, 1000] {
+            let pieces = chop(cut, n);
+            assert_eq!(run(&pieces.iter().map(String::as_str).collect::<Vec<_>>(), true), want, "pieces of {n}");
+            let pieces = chop(&after, n);
+            assert_eq!(run(&pieces.iter().map(String::as_str).collect::<Vec<_>>(), true), want_after, "pieces of {n}");
+        }
+    }
+
+    /// Without tools, tool-call markup is answer text, whole or in pieces.
+    #[test]
+    fn without_tool_calls_the_markup_is_answer_text() {
+        for n in [1, 2, 5, 1000] {
+            let mut p = OutputParser::new(true).without_tool_calls();
+            let mut all = Vec::new();
+            for piece in chop(OUTPUT, n) {
+                all.extend(p.push(&piece));
+            }
+            all.extend(p.finish());
+            let (mut reasoning, mut content) = (String::new(), String::new());
+            for e in all {
+                match e {
+                    OutputEvent::Reasoning(s) => reasoning.push_str(&s),
+                    OutputEvent::Content(s) => content.push_str(&s),
+                    OutputEvent::ToolCall(t) => panic!("parsed {t:?}"),
+                }
+            }
+            let (r, c) = OUTPUT.split_once(THINK_END).unwrap();
+            assert_eq!((reasoning.as_str(), content.as_str()), (r, c), "pieces of {n}");
+        }
     }
 
     #[test]
