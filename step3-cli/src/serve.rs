@@ -57,6 +57,11 @@ pub fn run(a: ServeArgs) -> Result<ExitCode> {
             .and_then(|d| d.file_name())
             .map_or("step3".into(), |n| n.to_string_lossy().into_owned()),
     };
+    if let Some(dir) = &a.allowed_local_media_path {
+        if !dir.is_dir() {
+            anyhow::bail!("--allowed-local-media-path {}: not a directory", dir.display());
+        }
+    }
     let engine = a.engine.config()?;
     let step3 = Arc::new(a.model.load_with(engine)?);
     if a.model.is_demo() {

@@ -37,8 +37,12 @@ pub struct ChatRequest {
     pub image_params: Vec<String>,
 }
 
-/// Reads a chat request body.
-pub fn parse(obj: &Map<String, Value>, allowed_media: Option<&Path>) -> Result<ChatRequest, ApiError> {
+/// Reads a chat request body (`file://` images are read here, at most `max_image_bytes` each).
+pub fn parse(
+    obj: &Map<String, Value>,
+    allowed_media: Option<&Path>,
+    max_image_bytes: usize,
+) -> Result<ChatRequest, ApiError> {
     let req: CreateChatCompletionRequest = request::typed(obj)?;
     if req.messages.is_empty() {
         return Err(ApiError::invalid("messages", "`messages` must hold at least one message"));
@@ -46,6 +50,9 @@ pub fn parse(obj: &Map<String, Value>, allowed_media: Option<&Path>) -> Result<C
     let logprobs = match (req.logprobs.unwrap_or(false), req.top_logprobs) {
         (_, Some(k)) if k > 20 => {
             return Err(ApiError::invalid("top_logprobs", format!("`top_logprobs` must be at most 20, got {k}")))
+        }
+        (false, Some(k)) if k > 0 => {
+            return Err(ApiError::invalid("top_logprobs", "`top_logprobs` needs `logprobs` set to true"))
         }
         (true, k) => Some(k.unwrap_or(0) as usize),
         (false, _) => None,
@@ -59,7 +66,7 @@ pub fn parse(obj: &Map<String, Value>, allowed_media: Option<&Path>) -> Result<C
     let mut image_params = Vec::new();
     let mut messages = Vec::with_capacity(req.messages.len());
     for (i, m) in req.messages.iter().enumerate() {
-        messages.push(message(i, m, allowed_media, &mut image_params)?);
+        messages.push(message(i, m, allowed_media, max_image_bytes, &mut image_params)?);
     }
     // Tools.
     let mut tools = ToolSet::default();
@@ -125,6 +132,7 @@ fn message(
     i: usize,
     m: &ChatCompletionRequestMessage,
     allowed_media: Option<&Path>,
+    max_image_bytes: usize,
     image_params: &mut Vec<String>,
 ) -> Result<Message, ApiError> {
     Ok(match m {
@@ -150,7 +158,7 @@ fn message(
                         ChatCompletionRequestUserMessageContentPart::Text(t) => texts.push(t.text.as_str()),
                         ChatCompletionRequestUserMessageContentPart::ImageUrl(img) => {
                             let param = format!("messages[{i}].content[{j}].image_url.url");
-                            let image = image_from_url(&img.image_url.url, allowed_media)
+                            let image = image_from_url(&img.image_url.url, allowed_media, max_image_bytes)
                                 .map_err(|e| ApiError::invalid(&param, e))?;
                             image_params.push(param);
                             msg.images.push(image);

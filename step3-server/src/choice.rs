@@ -46,6 +46,8 @@ pub struct Choice {
     pub tool_calls: Vec<ChatCompletionMessageToolCall>,
     pub logprobs: Vec<ChatCompletionTokenLogprob>,
     pub tokens: Vec<u32>,
+    /// How many of `tokens` a stream has sent (`return_token_ids`).
+    tokens_sent: usize,
     pub outcome: Option<Outcome>,
 }
 
@@ -61,8 +63,17 @@ impl Choice {
             tool_calls: Vec::new(),
             logprobs: Vec::new(),
             tokens: Vec::new(),
+            tokens_sent: 0,
             outcome: None,
         }
+    }
+
+    /// For a stream with `return_token_ids`: the generated token ids not yet sent, to go with the
+    /// next chunk of this choice (concatenated over the chunks, they are all the ids).
+    pub fn unsent_tokens(&mut self) -> Vec<u32> {
+        let new = self.tokens[self.tokens_sent..].to_vec();
+        self.tokens_sent = self.tokens.len();
+        new
     }
 
     /// Takes an engine event; returns the pieces to stream (already folded into this choice).

@@ -60,7 +60,14 @@ pub async fn handle(state: AppState, body: Result<Bytes, BytesRejection>) -> Res
         }
         let mut c = common.clone();
         c.options.max_new_tokens = crate::budget(&state, prepared.ids.len(), &c, &param)?;
-        jobs.push(Job { prepared, common: c, forced: forced.clone(), after_reasoning: Vec::new(), plain: true });
+        jobs.push(Job {
+            prepared,
+            common: c,
+            forced: forced.clone(),
+            after_reasoning: Vec::new(),
+            plain: true,
+            ignore_tool_calls: true,
+        });
     }
     let prompt_lens: Vec<usize> = jobs.iter().map(|j| j.prepared.ids.len()).collect();
     let prompt_ids: Vec<Vec<u32>> = jobs.iter().map(|j| j.prepared.ids.clone()).collect();
@@ -69,7 +76,7 @@ pub async fn handle(state: AppState, body: Result<Bytes, BytesRejection>) -> Res
     let created = crate::now();
     let ctx = Completions { state, id, created, n: common.n, logprobs: logprobs.is_some(), prompt_lens, prompt_ids };
     if common.stream {
-        Ok(ctx.stream(handles, common.include_usage))
+        Ok(ctx.stream(handles, common.include_usage, common.return_token_ids))
     } else {
         ctx.whole(handles, common.return_token_ids).await
     }
@@ -158,7 +165,10 @@ impl Completions {
         })
     }
 
-    fn stream(self, handles: Vec<RequestHandle>, include_usage: bool) -> Response {
+    /// The chunks of a streamed completion; with `token_ids` (`return_token_ids`), each choice's
+    /// first chunk carries `prompt_token_ids` and every chunk the `token_ids` generated since the
+    /// one before.
+    fn stream(self, handles: Vec<RequestHandle>, include_usage: bool, token_ids: bool) -> Response {
         let keep_alive = self.state.config.keep_alive;
         let (tx, rx) = tokio::sync::mpsc::channel::<Value>(64);
         let this = Arc::new(self);
@@ -166,6 +176,7 @@ impl Completions {
             let tokenizer = this.state.step3.engine().tokenizer();
             let tools = ToolSet::default();
             let mut choices: Vec<Choice> = (0..handles.len()).map(|i| Choice::new(i as u32, String::new())).collect();
+            let mut started = vec![false; choices.len()];
             let streams = handles.into_iter().enumerate().map(|(i, h)| StreamExt::map(h, move |e| (i, e)));
             let mut events = futures_util::stream::select_all(streams);
             let (mut completion, mut cached) = (0, 0);
@@ -195,6 +206,15 @@ impl Completions {
                     completion += o.stats.generated_tokens;
                     if i % this.n.max(1) == 0 {
                         cached += o.stats.cached_prompt_tokens;
+                    }
+                }
+                if token_ids {
+                    if let Some(first) = out.first_mut().filter(|v| v["choices"][0].is_object()) {
+                        first["choices"][0]["token_ids"] = serde_json::json!(c.unsent_tokens());
+                        if !std::mem::replace(&mut started[i], true) {
+                            first["choices"][0]["prompt_token_ids"] =
+                                serde_json::json!(this.prompt_ids[this.prompt_of(i)]);
+                        }
                     }
                 }
                 for v in out {

@@ -121,12 +121,17 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(text_completions))
         .route("/v1/models", get(models))
+        .route("/v1/models/{id}", get(model))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth));
     let mut app = Router::new()
         .merge(v1)
         .route("/health", get(health))
         .route("/metrics", get(prometheus))
         .fallback(|| async { ApiError { status: StatusCode::NOT_FOUND, ..ApiError::invalid("", "no such route") } })
+        .method_not_allowed_fallback(|method: axum::http::Method, uri: axum::http::Uri| async move {
+            let msg = format!("{} does not take {method} requests", uri.path());
+            ApiError { status: StatusCode::METHOD_NOT_ALLOWED, ..ApiError::invalid("", msg) }
+        })
         .layer(DefaultBodyLimit::max(state.config.body_limit))
         .layer(axum::middleware::from_fn_with_state(state.clone(), log));
     if let Some(origin) = &state.config.cors_origin {
@@ -187,7 +192,9 @@ async fn auth(State(state): State<AppState>, req: HttpRequest, next: Next) -> Re
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
+            .and_then(|v| v.split_once(' '))
+            // The scheme is case-insensitive (RFC 9110).
+            .and_then(|(scheme, key)| scheme.eq_ignore_ascii_case("bearer").then(|| key.trim()))
             .unwrap_or("");
         let ok: bool = given.len() == key.len() && bool::from(given.as_bytes().ct_eq(key.as_bytes()));
         if !ok {
@@ -210,17 +217,29 @@ async fn prometheus(State(state): State<AppState>) -> Response {
         .into_response()
 }
 
+/// The served model as `/v1/models` lists it; `max_model_len` is the longest prompt + answer a
+/// request can have (the context, or less when the KV cache holds fewer tokens).
+fn model_card(state: &AppState) -> Value {
+    let engine = state.step3.engine();
+    let pool = engine.kv_blocks() * engine.config().block_size;
+    serde_json::json!({
+        "id": state.config.served_model_name,
+        "object": "model",
+        "created": state.created,
+        "owned_by": "step3-rs",
+        "max_model_len": state.context().min(pool + 1),
+    })
+}
+
 async fn models(State(state): State<AppState>) -> Json<Value> {
-    Json(serde_json::json!({
-        "object": "list",
-        "data": [{
-            "id": state.config.served_model_name,
-            "object": "model",
-            "created": state.created,
-            "owned_by": "step3-rs",
-            "max_model_len": state.context(),
-        }]
-    }))
+    Json(serde_json::json!({"object": "list", "data": [model_card(&state)]}))
+}
+
+async fn model(State(state): State<AppState>, axum::extract::Path(id): axum::extract::Path<String>) -> Response {
+    match check_model(&state, &id) {
+        Ok(()) => Json(model_card(&state)).into_response(),
+        Err(e) => ApiError { status: StatusCode::NOT_FOUND, ..e }.into_response(),
+    }
 }
 
 fn check_model(state: &AppState, model: &str) -> Result<(), ApiError> {
@@ -264,17 +283,29 @@ fn budget(state: &AppState, prompt_len: usize, common: &request::Common, param: 
         ));
     }
     let room = context - prompt_len;
+    let engine = state.step3.engine();
+    let pool = engine.kv_blocks() * engine.config().block_size;
+    if prompt_len > pool {
+        return Err(ApiError::invalid(
+            param,
+            format!("the prompt has {prompt_len} tokens, more than this server's whole KV cache holds ({pool})"),
+        ));
+    }
     match common.max_tokens {
         Some((m, key)) if m > room => Err(ApiError::invalid(
             key,
             format!("`{key}` is {m}, but the prompt ({prompt_len} tokens) leaves room for {room} in the model's context of {context}"),
         )),
+        // The last token is never fed back, so it needs no KV slot.
+        Some((m, key)) if prompt_len + m - 1 > pool => Err(ApiError::invalid(
+            key,
+            format!(
+                "`{key}` is {m}, but the prompt ({prompt_len} tokens) leaves room for {} in this server's KV cache of {pool} tokens",
+                pool + 1 - prompt_len
+            ),
+        )),
         Some((m, _)) => Ok(m),
-        None => {
-            let engine = state.step3.engine();
-            let pool = engine.kv_blocks() * engine.config().block_size;
-            Ok(room.min(pool.saturating_sub(prompt_len).max(1)))
-        }
+        None => Ok(room.min(pool.saturating_sub(prompt_len).max(1))),
     }
 }
 
@@ -285,10 +316,26 @@ struct Job {
     forced: Vec<u32>,
     after_reasoning: Vec<u32>,
     plain: bool,
+    /// The request offered no tools: tool-call markup stays answer text.
+    ignore_tool_calls: bool,
 }
 
 /// Submits `n` choices of every job (choice `i` of job `j` is index `j·n + i`, seeded `seed + i`).
 fn submit(state: &AppState, jobs: &[Job], param: &str) -> Result<Vec<RequestHandle>, ApiError> {
+    // More sequences than the waiting queue holds could never be admitted at once: a 503 would
+    // send the client into retrying for ever.
+    let total: usize = jobs.iter().map(|j| j.common.n).sum();
+    let queue = state.step3.engine().config().max_waiting;
+    if total > queue {
+        let (field, what) = match jobs.first().map_or(1, |j| j.common.n) {
+            n if n > 1 => ("n", format!("{} prompt(s) × `n` = {n}", jobs.len())),
+            _ => (param, format!("{} prompts", jobs.len())),
+        };
+        return Err(ApiError::invalid(
+            field,
+            format!("{what} make {total} sequences, more than the {queue} this server queues at once (--max-waiting)"),
+        ));
+    }
     let mut handles = Vec::new();
     for job in jobs {
         for i in 0..job.common.n {
@@ -300,6 +347,7 @@ fn submit(state: &AppState, jobs: &[Job], param: &str) -> Result<Vec<RequestHand
                 forced: job.forced.clone(),
                 after_reasoning: job.after_reasoning.clone(),
                 plain: job.plain,
+                ignore_tool_calls: job.ignore_tool_calls,
             };
             match state.step3.engine().submit(req) {
                 Ok(h) => handles.push(h),
@@ -349,8 +397,16 @@ async fn chat_completions(State(state): State<AppState>, body: Result<Bytes, Byt
 
 async fn chat_inner(state: AppState, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
     let obj = request::json_object(&body?)?;
-    let req = chat::parse(&obj, state.config.allowed_local_media_path.as_deref())?;
+    // On a blocking thread: `file://` images are read while parsing.
+    let config = state.config.clone();
+    let req = tokio::task::spawn_blocking(move || {
+        chat::parse(&obj, config.allowed_local_media_path.as_deref(), config.body_limit)
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("reading the request failed: {e}")))??;
     check_model(&state, &req.model)?;
+    // No tools offered (none given, or `tool_choice` "none"): tool-call markup is answer text.
+    let ignore_tool_calls = req.conversation.tools.is_empty();
     let prepared = prepare(&state, Prompt::Chat(req.conversation), req.image_params, "messages").await?;
     let prompt_len = prepared.ids.len();
     let mut common = req.common;
@@ -363,12 +419,13 @@ async fn chat_inner(state: AppState, body: Result<Bytes, BytesRejection>) -> Res
         Some(t) => encode(&state, t, "tool_choice")?,
         None => Vec::new(),
     };
-    let job = Job { prepared, common: common.clone(), forced, after_reasoning, plain: false };
+    let prompt_ids = common.return_token_ids.then(|| prepared.ids.clone());
+    let job = Job { prepared, common: common.clone(), forced, after_reasoning, plain: false, ignore_tool_calls };
     let handles = submit(&state, std::slice::from_ref(&job), "messages")?;
     let id = new_id("chatcmpl", handles.first());
     let ctx = Ctx { state, id, created: now(), tools: Arc::new(req.tools), logprobs: req.logprobs.is_some() };
     if common.stream {
-        Ok(ctx.stream_chat(handles, prompt_len, common.include_usage).into_response())
+        Ok(ctx.stream_chat(handles, prompt_len, common.include_usage, prompt_ids).into_response())
     } else {
         ctx.whole_chat(handles, prompt_len, common.return_token_ids).await
     }
@@ -440,7 +497,16 @@ impl Ctx {
         })
     }
 
-    fn stream_chat(self, handles: Vec<RequestHandle>, prompt_len: usize, include_usage: bool) -> Response {
+    /// The chunks of a streamed chat answer. With `prompt_ids` (`return_token_ids`), each
+    /// choice's first chunk carries `prompt_token_ids` and every later chunk the `token_ids`
+    /// generated since the one before.
+    fn stream_chat(
+        self,
+        handles: Vec<RequestHandle>,
+        prompt_len: usize,
+        include_usage: bool,
+        prompt_ids: Option<Vec<u32>>,
+    ) -> Response {
         let keep_alive = self.state.config.keep_alive;
         let (tx, rx) = tokio::sync::mpsc::channel::<Value>(64);
         tokio::spawn(async move {
@@ -449,7 +515,10 @@ impl Ctx {
                 .map(|i| Choice::new(i as u32, format!("{}_{i}", self.id.trim_start_matches("chatcmpl-"))))
                 .collect();
             for c in &choices {
-                let role = self.chunk(c.index, serde_json::json!({"role": "assistant", "content": ""}), None, None);
+                let mut role = self.chunk(c.index, serde_json::json!({"role": "assistant", "content": ""}), None, None);
+                if let Some(ids) = &prompt_ids {
+                    role["choices"][0]["prompt_token_ids"] = serde_json::json!(ids);
+                }
                 if tx.send(role).await.is_err() {
                     return;
                 }
@@ -478,6 +547,11 @@ impl Ctx {
                     }
                     completion += o.stats.generated_tokens;
                     cached = cached.max(o.stats.cached_prompt_tokens);
+                }
+                if prompt_ids.is_some() {
+                    if let Some(first) = out.first_mut().filter(|v| v["choices"][0].is_object()) {
+                        first["choices"][0]["token_ids"] = serde_json::json!(c.unsent_tokens());
+                    }
                 }
                 for v in out {
                     if tx.send(v).await.is_err() {

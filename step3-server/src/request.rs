@@ -95,11 +95,14 @@ pub fn common(obj: &Map<String, Value>, logprobs: Option<usize>) -> Result<Commo
         None | Some(-1) | Some(0) => None,
         Some(k) if k > 0 => Some(k as usize),
         Some(k) => {
-            return Err(ApiError::invalid("top_k", format!("`top_k` must be at least 1 (or -1 for none), got {k}")))
+            return Err(ApiError::invalid(
+                "top_k",
+                format!("`top_k` must be at least 1 (or 0 or -1 for none), got {k}"),
+            ))
         }
     };
     let repetition_penalty = number(obj, "repetition_penalty")?.unwrap_or(1.0);
-    if !(repetition_penalty.is_finite() && repetition_penalty > 0.0) {
+    if !((repetition_penalty as f32).is_finite() && repetition_penalty > 0.0) {
         return Err(ApiError::invalid(
             "repetition_penalty",
             format!("`repetition_penalty` must be a positive number, got {repetition_penalty}"),

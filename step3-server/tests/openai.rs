@@ -219,6 +219,35 @@ async fn tool_calls_whole_and_streamed() {
     let think_end = tok.token_id("</think>").unwrap();
     let start = got.iter().position(|&t| t == think_end).map_or(0, |p| p + 1);
     assert_eq!(&got[start..start + want.len()], &want[..], "{got:?}");
+    // Without tools offered (none given, or `tool_choice` "none"), the markup is answer text.
+    let script_text = SCRIPT.trim_end_matches("<|EOT|>");
+    let (_, r) = script_text.split_once("</think>").unwrap();
+    for extra in [json!({}), json!({"tools": tools(), "tool_choice": "none"})] {
+        let mut body = chat("Weather in Paris?", json!({"response_prefix": SCRIPT, "max_tokens": 400}));
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let (status, resp) = server.post("/v1/chat/completions", &body).await;
+        assert_eq!(status, 200, "{resp}");
+        let choice = &resp["choices"][0];
+        assert_eq!((choice["finish_reason"].as_str(), choice["message"]["content"].as_str()), (Some("stop"), Some(r)));
+        assert!(choice["message"]["tool_calls"].is_null(), "{resp}");
+        body["stream"] = json!(true);
+        let (_, data) = server.post_stream("/v1/chat/completions", &body).await;
+        let s = fold_chat_stream(&data);
+        assert_eq!((s.content.as_str(), s.tool_calls.len()), (r, 0));
+    }
+    // Streamed token ids add up to the whole answer's.
+    let ids_body = chat("Hi", json!({"max_tokens": 9, "ignore_eos": true, "temperature": 0, "return_token_ids": true}));
+    let (_, whole) = server.post("/v1/chat/completions", &ids_body).await;
+    let mut streamed = ids_body.clone();
+    streamed["stream"] = json!(true);
+    let (_, data) = server.post_stream("/v1/chat/completions", &streamed).await;
+    let chunks: Vec<Value> = data[..data.len() - 1].iter().map(|d| serde_json::from_str(d).unwrap()).collect();
+    let ids: Vec<Value> =
+        chunks.iter().flat_map(|c| c["choices"][0]["token_ids"].as_array().cloned().unwrap_or_default()).collect();
+    assert_eq!(Value::Array(ids), whole["choices"][0]["token_ids"]);
+    assert!(chunks[0]["choices"][0]["prompt_token_ids"].as_array().is_some_and(|p| !p.is_empty()));
     let bad = chat("x", json!({"tools": tools(), "tool_choice": {"type": "function", "function": {"name": "nope"}}}));
     let (status, resp) = server.post("/v1/chat/completions", &bad).await;
     assert_eq!((status, resp["error"]["param"].as_str()), (400, Some("tool_choice")));
@@ -366,6 +395,12 @@ async fn a_full_queue_answers_503_at_once() {
     }
     assert!(refused >= 1, "nothing was refused");
     wait_idle(&server.step3).await;
+    // More choices than the queue holds could never be admitted: a 400, not a 503 to retry.
+    let (status, resp) = server.post("/v1/chat/completions", &chat("Two?", json!({"n": 2, "max_tokens": 2}))).await;
+    assert_eq!((status, resp["error"]["param"].as_str()), (400, Some("n")), "{resp}");
+    let two = json!({"model": "step3-demo", "prompt": ["a", "b"], "max_tokens": 2});
+    let (status, resp) = server.post("/v1/completions", &two).await;
+    assert_eq!((status, resp["error"]["param"].as_str()), (400, Some("prompt")), "{resp}");
     server.stop().await;
 }
 
@@ -391,6 +426,22 @@ async fn limits_auth_and_bad_input_get_openai_errors() {
     let (status, body) = send(ok.clone(), Some("wrong")).await;
     assert_eq!((status, body["error"]["code"].as_str()), (401, Some("invalid_api_key")));
     assert_eq!(send(ok.clone(), Some("s3cret")).await.0, 200);
+    // The scheme is case-insensitive.
+    let lower = http
+        .post(server.url("/v1/chat/completions"))
+        .header("authorization", "bearer s3cret")
+        .header("content-type", "application/json")
+        .body(ok.clone());
+    assert_eq!(lower.send().await.unwrap().status().as_u16(), 200);
+    // A route with the wrong method: 405 in the OpenAI error shape.
+    let resp = http.get(server.url("/v1/chat/completions")).bearer_auth("s3cret").send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 405);
+    assert!(resp.json::<Value>().await.unwrap()["error"]["message"].as_str().is_some_and(|m| m.contains("GET")));
+    // One model by id.
+    let one = http.get(server.url("/v1/models/step3-demo")).bearer_auth("s3cret").send().await.unwrap();
+    assert_eq!(one.json::<Value>().await.unwrap()["id"], "step3-demo");
+    let none = http.get(server.url("/v1/models/gpt-9")).bearer_auth("s3cret").send().await.unwrap();
+    assert_eq!(none.status().as_u16(), 404);
     assert_eq!(http.get(server.url("/health")).send().await.unwrap().status().as_u16(), 200);
     let models =
         http.get(server.url("/v1/models")).bearer_auth("s3cret").send().await.unwrap().json::<Value>().await.unwrap();
@@ -414,6 +465,8 @@ async fn limits_auth_and_bad_input_get_openai_errors() {
         (chat("hi", json!({"top_k": -3})).to_string(), Some("top_k")),
         (chat("hi", json!({"repetition_penalty": 0})).to_string(), Some("repetition_penalty")),
         (chat("hi", json!({"stop": 7})).to_string(), Some("stop")),
+        (chat("hi", json!({"repetition_penalty": 1e39})).to_string(), Some("repetition_penalty")),
+        (chat("hi", json!({"top_logprobs": 2})).to_string(), Some("top_logprobs")),
         (json!({"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]}).to_string(), Some("model")),
         (json!({"model": "step3-demo", "messages": []}).to_string(), Some("messages")),
         (json!({"model": "step3-demo"}).to_string(), Some("messages")),
