@@ -18,9 +18,27 @@ use super::{e4m3_table, Out, WeightSlice};
 /// AVX2 and FMA must be available (and F16C for f16 weights and FP8 weights); `x` is `[m, k]`, the weight
 /// `[n, k]` with `r1 <= n`, `out` is `[m, n]` and no other call writes its columns `r0..r1`.
 #[target_feature(enable = "avx2,fma")]
-pub(super) unsafe fn rows(x: &[f32], m: usize, k: usize, w: WeightSlice, r0: usize, r1: usize, out: Out) {
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn rows(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: WeightSlice,
+    r0: usize,
+    r1: usize,
+    out: Out,
+    laid: Option<&Layout>,
+) {
     if m >= packed_rows(&w) {
-        return packed(x, m, k, w, r0, r1, out);
+        let own;
+        let xs = match laid {
+            Some(l) => l.as_slice(),
+            None => {
+                own = Layout::new(x, m, k, &w);
+                own.as_ref().map_or(x, Layout::as_slice)
+            }
+        };
+        return packed(x, xs, m, k, w, r0, r1, out);
     }
     match w {
         WeightSlice::F32(w) => dense_f32(x, m, k, w.as_ptr(), r0, r1, out),
@@ -316,6 +334,54 @@ const KC: usize = 256;
 /// Weight rows of a packed tile.
 const PR: usize = 4;
 
+/// The scale blocks' width of an FP8 weight (the packed chunks end at their boundaries).
+fn block_width(w: &WeightSlice) -> Option<usize> {
+    match w {
+        WeightSlice::Fp8 { block, .. } => Some(block[1]),
+        _ => None,
+    }
+}
+
+/// Where the packed chunk that starts at `c0` ends: [`KC`] columns on (at most `kv`), or the end
+/// of `c0`'s scale block.
+fn chunk_end(c0: usize, kv: usize, bw: Option<usize>) -> usize {
+    let end = (c0 + KC).min(kv);
+    bw.map_or(end, |bw| end.min((c0 / bw + 1) * bw))
+}
+
+/// The activations as the packed path reads them: chunk by chunk, each chunk's rows contiguous
+/// (`[len]` apart), since rows `k` apart alias in L1 when `k` is a multiple of 1024 (Step3's
+/// widths all are). Laid out once per product and shared by every thread's rows.
+pub(super) struct Layout(Vec<Line>, usize);
+
+impl Layout {
+    /// `None` when `m` rows against `w` do not take the packed path, or need no new layout (`K`
+    /// is one chunk: the rows are then `len = k` apart as given).
+    pub(super) fn new(x: &[f32], m: usize, k: usize, w: &WeightSlice) -> Option<Self> {
+        let (kv, bw) = (k & !7, block_width(w));
+        if m < packed_rows(w) || (kv == k && chunk_end(0, kv, bw) == k) {
+            return None;
+        }
+        let mut lines = vec![Line([0f32; 16]); (m * kv).div_ceil(16)];
+        // SAFETY: `lines` holds at least `m · kv` f32 values, and `Line` is plain f32s.
+        let xs = unsafe { std::slice::from_raw_parts_mut(lines.as_mut_ptr().cast::<f32>(), m * kv) };
+        let mut c0 = 0;
+        while c0 < kv {
+            let len = chunk_end(c0, kv, bw) - c0;
+            for j in 0..m {
+                xs[c0 * m + j * len..][..len].copy_from_slice(&x[j * k + c0..][..len]);
+            }
+            c0 += len;
+        }
+        Some(Self(lines, m * kv))
+    }
+
+    fn as_slice(&self) -> &[f32] {
+        // SAFETY: as in `new`.
+        unsafe { std::slice::from_raw_parts(self.0.as_ptr().cast::<f32>(), self.1) }
+    }
+}
+
 /// The packed path for several activation rows: each tile of [`PR`] weight rows is widened to
 /// f32 [`KC`] columns at a time into a small scratch (bf16, f16 and FP8 once per tile instead of
 /// once per pass; f32 is used in place), and every activation row then runs over that chunk from
@@ -324,41 +390,16 @@ const PR: usize = 4;
 /// one the one-row path does: results do not depend on `M` or on how the rows are tiled. FP8
 /// chunks end at scale-block boundaries, where the block's sums enter the totals (`tot`) with
 /// the one-row path's multiply-add by the block's scale.
+#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn packed(x: &[f32], m: usize, k: usize, w: WeightSlice, r0: usize, r1: usize, out: Out) {
+unsafe fn packed(x: &[f32], xs: &[f32], m: usize, k: usize, w: WeightSlice, r0: usize, r1: usize, out: Out) {
     let kv = k & !7;
-    let bw = match w {
-        WeightSlice::Fp8 { block, .. } => Some(block[1]),
-        _ => None,
-    };
-    // Where the chunk that starts at `c0` ends: `KC` columns on, or the end of `c0`'s scale block.
-    let chunk_end = |c0: usize| {
-        let end = (c0 + KC).min(kv);
-        bw.map_or(end, |bw| end.min((c0 / bw + 1) * bw))
-    };
+    let bw = block_width(&w);
+    let chunk_end = |c0: usize| chunk_end(c0, kv, bw);
     let mut scratch = Scratch([0f32; PR * KC]);
     let scratch = &mut scratch.0;
     let mut acc = vec![_mm256_setzero_ps(); PR * m];
     let mut tot = vec![_mm256_setzero_ps(); if bw.is_some() { PR * m } else { 0 }];
-    // The activations chunk by chunk, each chunk's rows contiguous (`[len]` apart): rows `k`
-    // apart alias in L1 when `k` is a multiple of 1024 (Step3's widths all are).
-    // (Already so when K is one chunk: the rows are then `k = len` apart as given.)
-    let mut xs_lines: Vec<Line>;
-    let xs: &[f32] = if kv == k && chunk_end(0) == k {
-        x
-    } else {
-        xs_lines = vec![Line([0f32; 16]); (m * kv).div_ceil(16)];
-        let xs = std::slice::from_raw_parts_mut(xs_lines.as_mut_ptr().cast::<f32>(), m * kv);
-        let mut c0 = 0;
-        while c0 < kv {
-            let len = chunk_end(c0) - c0;
-            for j in 0..m {
-                xs[c0 * m + j * len..][..len].copy_from_slice(&x[j * k + c0..][..len]);
-            }
-            c0 += len;
-        }
-        xs
-    };
     let mut r = r0;
     while r < r1 {
         let rows = (r1 - r).min(PR);
@@ -501,23 +542,44 @@ unsafe fn run_chunk<const R: usize, const X: usize>(
             *v = *acc.add(i * m + j);
         }
     }
-    let mut c = 0;
-    while c < len {
-        if !pf.p.is_null() && (c * pf.bytes) % 64 == 0 {
-            for i in 0..PR {
-                _mm_prefetch::<_MM_HINT_T0>(pf.p.wrapping_add(i * pf.stride + c * pf.bytes).cast());
-            }
-        }
+    // The rows' pointers, taken once (so that the loop keeps them in registers).
+    let wr: [*const f32; R] = std::array::from_fn(|i| w.add(i * ws));
+    let xr: [*const f32; X] = std::array::from_fn(|j| x.add(j * k));
+    // Eight columns: one multiply-add per accumulator, in column order.
+    let step8 = |a: &mut [[__m256; X]; R], c: usize| {
         let mut xv = [_mm256_setzero_ps(); X];
         for (j, v) in xv.iter_mut().enumerate() {
-            *v = _mm256_loadu_ps(x.add(j * k + c));
+            *v = _mm256_loadu_ps(xr[j].add(c));
         }
         for (i, ai) in a.iter_mut().enumerate() {
-            let wv = _mm256_loadu_ps(w.add(i * ws + c));
+            let wv = _mm256_loadu_ps(wr[i].add(c));
             for (v, xv) in ai.iter_mut().zip(&xv) {
                 *v = _mm256_fmadd_ps(wv, *xv, *v);
             }
         }
+    };
+    let mut c = 0;
+    if !pf.p.is_null() {
+        // One cache line of each prefetched row per `line` columns, asked for at its start.
+        let line = 64 / pf.bytes;
+        let pr: [*const u8; PR] = std::array::from_fn(|i| pf.p.wrapping_add(i * pf.stride));
+        while c + line <= len {
+            for p in pr {
+                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(c * pf.bytes).cast());
+            }
+            for cc in (c..c + line).step_by(8) {
+                step8(&mut a, cc);
+            }
+            c += line;
+        }
+        if c < len {
+            for p in pr {
+                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(c * pf.bytes).cast());
+            }
+        }
+    }
+    while c < len {
+        step8(&mut a, c);
         c += 8;
     }
     match flush {

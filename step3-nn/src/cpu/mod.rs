@@ -222,9 +222,10 @@ pub fn matmul_t_with(isa: Isa, x: &[f32], m: usize, k: usize, w: WeightSlice, n:
     let chunk = if threads <= 1 || bytes <= SERIAL_BYTES { n } else { n.div_ceil(threads * 4).next_multiple_of(4) };
     let mut y = vec![0f32; m * n];
     let out = Out { ptr: y.as_mut_ptr(), ld: n };
+    let laid = Laid::new(isa, x, m, k, &w);
     let run = |ci: usize| {
         let r0 = ci * chunk;
-        rows(isa, x, m, k, w, r0, (r0 + chunk).min(n), out);
+        rows(isa, x, m, k, w, r0, (r0 + chunk).min(n), out, &laid);
     };
     let chunks = n.div_ceil(chunk);
     if chunks == 1 {
@@ -271,7 +272,7 @@ pub fn matmul_t_into(x: &[f32], m: usize, k: usize, w: WeightSlice, n: usize, y:
         return;
     }
     assert!(y.len() >= (m - 1) * ld + n, "y holds {} values, not {m} rows {ld} apart", y.len());
-    rows(Isa::detected(), x, m, k, w, 0, n, Out { ptr: y.as_mut_ptr(), ld });
+    rows(Isa::detected(), x, m, k, w, 0, n, Out { ptr: y.as_mut_ptr(), ld }, &Laid::None);
 }
 
 /// `y[j, :] += Σ_r p[j·ld + r] · w[r, :]` for `j < m`, over the `n` rows of `w [n, k]`, in row
@@ -311,16 +312,42 @@ pub fn weighted_rows_acc_with(isa: Isa, p: &[f32], m: usize, ld: usize, w: &[f32
     }
 }
 
+/// The activations laid out once per product for a path that reads them in another order (the
+/// AVX2 packed path), shared by the threads.
+enum Laid {
+    None,
+    #[cfg(target_arch = "x86_64")]
+    Avx2(avx2::Layout),
+}
+
+impl Laid {
+    fn new(isa: Isa, x: &[f32], m: usize, k: usize, w: &WeightSlice) -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if isa == Isa::Avx2 && isa.vectorizes(w) {
+            if let Some(l) = avx2::Layout::new(x, m, k, w) {
+                return Self::Avx2(l);
+            }
+        }
+        let _ = (isa, x, m, k, w);
+        Self::None
+    }
+}
+
 /// Output columns (weight rows) `r0..r1` of every row of `out`.
 #[allow(clippy::too_many_arguments)]
-fn rows(isa: Isa, x: &[f32], m: usize, k: usize, w: WeightSlice, r0: usize, r1: usize, out: Out) {
+fn rows(isa: Isa, x: &[f32], m: usize, k: usize, w: WeightSlice, r0: usize, r1: usize, out: Out, laid: &Laid) {
     #[cfg(target_arch = "x86_64")]
     if isa == Isa::Avx2 && isa.vectorizes(&w) {
+        let laid = match laid {
+            Laid::Avx2(l) => Some(l),
+            Laid::None => None,
+        };
         // SAFETY: AVX2, FMA and F16C were detected (`Isa::available`,
         // `Isa::vectorizes`); the slice lengths were checked by `matmul_t_with`.
-        unsafe { avx2::rows(x, m, k, w, r0, r1, out) };
+        unsafe { avx2::rows(x, m, k, w, r0, r1, out, laid) };
         return;
     }
+    let _ = laid;
     #[cfg(target_arch = "aarch64")]
     if isa == Isa::Neon && isa.vectorizes(&w) {
         // SAFETY: NEON was detected (`Isa::available`); the slice lengths were checked by
