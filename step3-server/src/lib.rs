@@ -305,7 +305,7 @@ fn budget(state: &AppState, prompt_len: usize, common: &request::Common, param: 
             ),
         )),
         Some((m, _)) => Ok(m),
-        None => Ok(room.min(pool.saturating_sub(prompt_len).max(1))),
+        None => Ok(room.min(pool + 1 - prompt_len)),
     }
 }
 
@@ -427,7 +427,7 @@ async fn chat_inner(state: AppState, body: Result<Bytes, BytesRejection>) -> Res
     if common.stream {
         Ok(ctx.stream_chat(handles, prompt_len, common.include_usage, prompt_ids).into_response())
     } else {
-        ctx.whole_chat(handles, prompt_len, common.return_token_ids).await
+        ctx.whole_chat(handles, prompt_len, prompt_ids).await
     }
 }
 
@@ -449,7 +449,7 @@ impl Ctx {
         &self,
         handles: Vec<RequestHandle>,
         prompt_len: usize,
-        token_ids: bool,
+        prompt_ids: Option<Vec<u32>>,
     ) -> Result<Response, ApiError> {
         let tokenizer = self.state.step3.engine().tokenizer();
         let mut choices = Vec::new();
@@ -466,20 +466,23 @@ impl Ctx {
                 "finish_reason": finish_reason(outcome.finish),
                 "logprobs": c.logprobs_value(self.logprobs),
             });
-            if token_ids {
+            if prompt_ids.is_some() {
                 choice["token_ids"] = serde_json::json!(c.tokens);
             }
             choices.push(choice);
         }
-        Ok(Json(serde_json::json!({
+        let mut resp = serde_json::json!({
             "id": self.id,
             "object": "chat.completion",
             "created": self.created,
             "model": self.model(),
             "choices": choices,
             "usage": usage(prompt_len, completion, cached),
-        }))
-        .into_response())
+        });
+        if let Some(ids) = prompt_ids {
+            resp["prompt_token_ids"] = serde_json::json!(ids);
+        }
+        Ok(Json(resp).into_response())
     }
 
     fn chunk(&self, index: u32, delta: Value, finish: Option<FinishReason>, logprobs: Option<Value>) -> Value {
@@ -498,8 +501,8 @@ impl Ctx {
     }
 
     /// The chunks of a streamed chat answer. With `prompt_ids` (`return_token_ids`), each
-    /// choice's first chunk carries `prompt_token_ids` and every later chunk the `token_ids`
-    /// generated since the one before.
+    /// choice's first chunk carries `prompt_token_ids` (beside `choices`, as vLLM has it) and every
+    /// later chunk the `token_ids` generated since the one before.
     fn stream_chat(
         self,
         handles: Vec<RequestHandle>,
@@ -517,7 +520,7 @@ impl Ctx {
             for c in &choices {
                 let mut role = self.chunk(c.index, serde_json::json!({"role": "assistant", "content": ""}), None, None);
                 if let Some(ids) = &prompt_ids {
-                    role["choices"][0]["prompt_token_ids"] = serde_json::json!(ids);
+                    role["prompt_token_ids"] = serde_json::json!(ids);
                 }
                 if tx.send(role).await.is_err() {
                     return;

@@ -56,17 +56,22 @@ fn read_local(path: &Path, root: &Path, max_bytes: usize) -> Result<Vec<u8>, Str
 
     let outside = || format!("{} is not a file inside the allowed media directory", path.display());
     let Ok(real) = path.canonicalize() else {
-        // Only a path that lies (as written) inside the directory may be said to be missing.
-        return Err(if lexical(path).starts_with(root) {
-            format!("{}: no such file", path.display())
-        } else {
-            outside()
-        });
+        // Only a path that lies inside the directory, as written and through no link, may be
+        // said to be missing: a link could point anywhere.
+        return Err(if missing_inside(path, root) { format!("{}: no such file", path.display()) } else { outside() });
     };
     if !real.starts_with(root) {
         return Err(outside());
     }
-    let file = std::fs::File::open(&real).map_err(|_| outside())?;
+    // Only regular files: opening a FIFO would wait for a writer (so it is opened non-blocking
+    // too, and the file's type checked again once open).
+    if !std::fs::metadata(&real).is_ok_and(|m| m.is_file()) {
+        return Err(format!("{} is not a file", path.display()));
+    }
+    let file = {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(&real).map_err(|_| outside())?
+    };
     if !opened_inside(&file, &real, root) {
         return Err(outside());
     }
@@ -107,6 +112,23 @@ fn opened_inside(file: &std::fs::File, real: &Path, root: &Path) -> bool {
             && opened.ino() == named.ino()
             && real.canonicalize().is_ok_and(|again| again == real && again.starts_with(root))
     }
+}
+
+/// Whether `path`, as written (`.` and `..` resolved lexically), lies inside `root` and reaches
+/// its end through no link: only then is "no such file" an answer about the allowed directory.
+fn missing_inside(path: &Path, root: &Path) -> bool {
+    let path = lexical(path);
+    let Ok(rest) = path.strip_prefix(root) else { return false };
+    let mut at = root.to_path_buf();
+    for c in rest.components() {
+        at.push(c);
+        match std::fs::symlink_metadata(&at) {
+            Ok(m) if m.file_type().is_symlink() => return false,
+            Ok(_) => {}
+            Err(_) => return true,
+        }
+    }
+    true
 }
 
 /// `path` with `.` and `..` removed as written (no file system access).
@@ -182,6 +204,19 @@ mod tests {
             assert!(e.ends_with("is not a file inside the allowed media directory"), "{bad}: {e}");
         }
         assert!(get(&url(&root.path().join("missing.png"))).unwrap_err().ends_with("no such file"));
+        // Links to missing files outside, or through a linked directory, tell nothing either.
+        std::os::unix::fs::symlink(outside.path().join("nope.png"), root.path().join("dangling.png")).unwrap();
+        std::os::unix::fs::symlink(outside.path(), root.path().join("out")).unwrap();
+        for bad in
+            [root.path().join("dangling.png"), root.path().join("out/secret.png"), root.path().join("out/nope.png")]
+        {
+            let e = get(&url(&bad)).unwrap_err();
+            assert!(e.ends_with("is not a file inside the allowed media directory"), "{bad:?}: {e}");
+        }
+        // A FIFO is refused at once (opening it would wait for a writer).
+        let fifo = root.path().join("fifo.png");
+        assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+        assert!(get(&url(&fifo)).unwrap_err().ends_with("is not a file"));
         assert!(get(&url(root.path())).unwrap_err().ends_with("is not a file"));
         assert!(get("file://relative.png").unwrap_err().contains("absolute"));
         assert!(get("file://example.com/a.png").unwrap_err().contains("absolute"));

@@ -119,7 +119,8 @@ pub fn common(obj: &Map<String, Value>, logprobs: Option<usize>) -> Result<Commo
     if obj.get("logit_bias").is_some_and(|v| v.as_object().is_some_and(|m| !m.is_empty())) {
         return Err(ApiError::invalid("logit_bias", "`logit_bias` is not supported by this server"));
     }
-    let seed = integer(obj, "seed")?.map_or(step3::generation::DEFAULT_SEED, |s| s as u64);
+    // Without a seed each request samples afresh (as OpenAI's and vLLM's do).
+    let seed = integer(obj, "seed")?.map_or_else(fresh_seed, |s| s as u64);
     let n = match integer(obj, "n")? {
         None => 1,
         Some(n) if (1..=128).contains(&n) => n as usize,
@@ -169,4 +170,11 @@ pub fn common(obj: &Map<String, Value>, logprobs: Option<usize>) -> Result<Commo
         return_token_ids: boolean(obj, "return_token_ids")?,
         response_prefix: string(obj, "response_prefix")?,
     })
+}
+
+/// A seed no earlier request had: `RandomState`'s keys are random per process and change with
+/// every instance.
+fn fresh_seed() -> u64 {
+    use std::hash::BuildHasher as _;
+    std::collections::hash_map::RandomState::new().hash_one(std::time::SystemTime::now())
 }

@@ -126,6 +126,23 @@ async fn text_completions_whole_streamed_and_batched() {
         .map(|d| serde_json::from_str::<Value>(d).unwrap()["choices"][0]["text"].as_str().unwrap_or("").to_string())
         .collect();
     assert_eq!(joined, text);
+    // Sampling without a seed differs from request to request; with one it repeats.
+    let sampled = |seed: Option<u64>| {
+        let mut b = json!({"model": "step3-demo", "prompt": "Once upon", "max_tokens": 16, "temperature": 1.0,
+            "ignore_eos": true});
+        if let Some(s) = seed {
+            b["seed"] = json!(s);
+        }
+        b
+    };
+    let mut texts = Vec::new();
+    for seed in [None, None, Some(7), Some(7)] {
+        let (status, resp) = server.post("/v1/completions", &sampled(seed)).await;
+        assert_eq!(status, 200, "{resp}");
+        texts.push(resp["choices"][0]["text"].as_str().unwrap().to_string());
+    }
+    assert_ne!(texts[0], texts[1]);
+    assert_eq!(texts[2], texts[3]);
     // Several prompts and n: one choice per prompt and sample, in order.
     let body = json!({"model": "step3-demo", "prompt": ["a", "b c"], "n": 2, "max_tokens": 3, "ignore_eos": true});
     let (status, resp) = server.post("/v1/completions", &body).await;
@@ -203,7 +220,8 @@ async fn tool_calls_whole_and_streamed() {
     let named = chat(
         "Weather?",
         json!({"tools": tools(), "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
-            "chat_template_kwargs": {"enable_thinking": false}, "max_tokens": 80, "return_token_ids": true}),
+            "chat_template_kwargs": {"enable_thinking": false}, "max_tokens": 80, "return_token_ids": true,
+            "seed": step3::generation::DEFAULT_SEED}),
     );
     let (status, resp) = server.post("/v1/chat/completions", &named).await;
     assert_eq!(status, 200, "{resp}");
@@ -247,7 +265,8 @@ async fn tool_calls_whole_and_streamed() {
     let ids: Vec<Value> =
         chunks.iter().flat_map(|c| c["choices"][0]["token_ids"].as_array().cloned().unwrap_or_default()).collect();
     assert_eq!(Value::Array(ids), whole["choices"][0]["token_ids"]);
-    assert!(chunks[0]["choices"][0]["prompt_token_ids"].as_array().is_some_and(|p| !p.is_empty()));
+    assert!(chunks[0]["prompt_token_ids"].as_array().is_some_and(|p| !p.is_empty()));
+    assert_eq!(chunks[0]["prompt_token_ids"], whole["prompt_token_ids"]);
     let bad = chat("x", json!({"tools": tools(), "tool_choice": {"type": "function", "function": {"name": "nope"}}}));
     let (status, resp) = server.post("/v1/chat/completions", &bad).await;
     assert_eq!((status, resp["error"]["param"].as_str()), (400, Some("tool_choice")));
