@@ -60,6 +60,11 @@ impl Sampler {
         if logits.is_empty() {
             return Err(Error::Input("cannot sample from an empty row of logits".into()));
         }
+        // Greedy or sampled alike: a NaN, or no value above -inf, is a model whose numbers broke
+        // down (NaN weights, an overflow), never a token to pick.
+        if logits.iter().any(|v| v.is_nan()) || !logits.iter().any(|v| *v > f32::NEG_INFINITY) {
+            return Err(Error::Input("the logits hold NaN or no finite value: the model's numbers broke down".into()));
+        }
         let mut logits = logits.to_vec();
         if self.repetition_penalty != 1.0 {
             let start = history.len().saturating_sub(self.repeat_last_n);
@@ -178,6 +183,19 @@ mod tests {
     fn greedy_takes_the_first_maximum() {
         let mut s = Sampler::new(&params(0.0, None, None, 1));
         assert_eq!(s.sample(&[0.1, 3.0, 3.0, -1.0], &[]).unwrap().token, 1);
+    }
+
+    /// NaN logits (or none above -inf) are an error, greedy or sampled: never token 0.
+    #[test]
+    fn broken_logits_are_an_error_not_a_token() {
+        for t in [0.0, 0.7] {
+            for logits in [vec![f32::NAN; 4], vec![0.5, f32::NAN, 1.0], vec![f32::NEG_INFINITY; 3]] {
+                let mut s = Sampler::new(&params(t, None, None, 1));
+                assert!(s.sample(&logits, &[]).is_err(), "t={t} {logits:?}");
+            }
+            let mut s = Sampler::new(&params(t, None, None, 1));
+            assert_eq!(s.sample(&[f32::NEG_INFINITY, 2.0, f32::NEG_INFINITY], &[]).unwrap().token, 1);
+        }
     }
 
     #[test]
