@@ -285,7 +285,7 @@ pub fn write_demo(dir: &Path) -> Result<()> {
         tensors.insert(t.name.clone(), Tensor::from_vec(values, t.shape.as_slice(), &Device::Cpu)?);
     }
     let path = dir.join("model.safetensors");
-    candle_core::safetensors::save(&tensors.into_iter().collect(), &path)?;
+    step3_model::checkpoint::save_tensors(&tensors.into_iter().collect(), &path)?;
     std::fs::write(
         dir.join("README.md"),
         "# step3-demo\n\nStep3's architecture at toy size (4 layers, 2 of them MoE; a 2-layer vision tower), with random\n\

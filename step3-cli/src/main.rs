@@ -69,6 +69,9 @@ struct DemoArgs {
 }
 
 fn demo(a: DemoArgs) -> Result<ExitCode> {
+    if let Some(f) = ["config.json", "model.safetensors"].iter().find(|f| a.out.join(f).exists()) {
+        bail!("{} already holds a checkpoint ({f}): give a new or empty directory", a.out.display())
+    }
     if a.size == "toy" {
         if a.fp8 || a.dtype != "f32" {
             bail!("--dtype and --fp8 apply to --size 200m; the toy demo is f32")
@@ -206,9 +209,8 @@ fn logits(a: LogitsArgs) -> Result<ExitCode> {
     let mut cache = text.new_cache(1, ids.len())?;
     let hidden = text.forward_embeds(&embeds, &[ids.len()], &mut cache, None)?.squeeze(0)?;
     let logits = text.logits(&hidden)?;
-    let tensors = [("logits", logits), ("last_hidden", hidden.to_dtype(DType::F32)?)];
-    candle_core::safetensors::save(&tensors.into_iter().collect(), &a.out)
-        .with_context(|| format!("writing {}", a.out.display()))?;
+    let tensors = [("logits".to_string(), logits), ("last_hidden".to_string(), hidden.to_dtype(DType::F32)?)];
+    step3::checkpoint::save_tensors(&tensors.into_iter().collect(), &a.out)?;
     Ok(ExitCode::SUCCESS)
 }
 

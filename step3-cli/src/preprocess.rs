@@ -93,8 +93,7 @@ pub fn run(a: PreprocessArgs) -> Result<ExitCode> {
     if let Some(t) = &p.patch_pixel_values {
         tensors.push(("patch_pixel_values".to_string(), t.clone()));
     }
-    candle_core::safetensors::save(&tensors.into_iter().collect(), &a.out)
-        .with_context(|| format!("writing {}", a.out.display()))?;
+    step3::checkpoint::save_tensors(&tensors.into_iter().collect(), &a.out)?;
     let layout = ImageLayout {
         newline_mask: p.newline_mask.clone(),
         crop_tokens: layout_sizes.0,

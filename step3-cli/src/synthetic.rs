@@ -270,6 +270,6 @@ pub fn write_checkpoint(dir: &std::path::Path, cfg: &TextConfig, dtype: DType, f
         }
     }
     let path = dir.join("model.safetensors");
-    candle_core::safetensors::save(&tensors, &path).with_context(|| format!("writing {}", path.display()))?;
+    step3::checkpoint::save_tensors(&tensors, &path)?;
     Ok(())
 }
