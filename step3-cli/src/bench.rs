@@ -53,10 +53,10 @@ pub struct Common {
     #[arg(long, default_value = "bf16")]
     dtype: String,
     /// Timed repetitions (median reported).
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = at_least_one())]
     iters: usize,
     /// Divide Step3's widths by this (hidden, query rank, heads, MLP and expert widths; 1 = real).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = at_least_one())]
     scale: usize,
     /// A python with PyTorch: runs bench/torch_baseline.py on the same shapes, as the peer.
     #[arg(long)]
@@ -85,9 +85,9 @@ struct MoeArgs {
 struct DecodeArgs {
     #[command(flatten)]
     common: Common,
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = at_least_one())]
     batch: usize,
-    #[arg(long, default_value_t = 4096)]
+    #[arg(long, default_value_t = 4096, value_parser = at_least_one())]
     context: usize,
 }
 
@@ -98,13 +98,13 @@ struct DecodeModelArgs {
     #[arg(long, default_value = "f32,bf16,fp8")]
     weights: String,
     /// Prompt tokens per sequence.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, value_parser = at_least_one())]
     prompt: usize,
     /// Greedy tokens generated per sequence.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = at_least_one())]
     tokens: usize,
     /// Sequences of the batched run (compared with one sequence).
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = at_least_one())]
     batch: usize,
     /// A python with PyTorch: the same model (same shapes, random weights) prefilled and decoded
     /// by PyTorch eager (bench/torch_baseline.py with the fixtures' step3_ref.py), f32 and bf16.
@@ -115,11 +115,11 @@ struct DecodeModelArgs {
 #[derive(Args)]
 struct VitArgs {
     /// Encoder layers actually run (the time is extrapolated to 63).
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, value_parser = at_least_one())]
     layers: usize,
     #[arg(long, default_value = "f32")]
     dtype: String,
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = at_least_one())]
     iters: usize,
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -134,7 +134,7 @@ struct Fp8Args {
     #[arg(long, default_value = "bf16")]
     dtype: String,
     /// Timed repetitions per measurement (the median is reported).
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = at_least_one())]
     iters: usize,
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -205,7 +205,7 @@ fn random_fp8(rows: usize, cols: usize, dtype: DType, device: &Device) -> Result
 fn fp8(a: Fp8Args) -> Result<ExitCode> {
     let dtype = step3::parse_dtype(&a.dtype)?;
     let device = step3::parse_device(&a.device)?;
-    let tokens: Vec<usize> = a.tokens.split(',').map(|t| t.trim().parse()).collect::<Result<_, _>>()?;
+    let tokens = list(&a.tokens)?;
     let shapes = [
         ("q_proj", 2048, 7168),
         ("wq", 16384, 2048),
@@ -285,8 +285,20 @@ fn vit(a: VitArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// A comma-separated list of counts, each at least 1.
 pub(crate) fn list(s: &str) -> Result<Vec<usize>> {
-    s.split(',').map(|v| v.trim().parse::<usize>().map_err(|_| anyhow::anyhow!("`{v}` is not a number"))).collect()
+    s.split(',')
+        .map(|v| match v.trim().parse::<usize>() {
+            Ok(n) if n >= 1 => Ok(n),
+            Ok(_) => Err(anyhow::anyhow!("`{v}`: each value must be at least 1")),
+            Err(_) => Err(anyhow::anyhow!("`{v}` is not a number")),
+        })
+        .collect()
+}
+
+/// A count flag that must be at least 1.
+pub(crate) fn at_least_one() -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::<usize>::new().range(1..)
 }
 
 /// The device, the dtype and the device's measured ceilings, shared by the layer benchmarks.

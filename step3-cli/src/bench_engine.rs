@@ -25,10 +25,10 @@ pub struct EngineBenchArgs {
     #[arg(long, default_value = "1,4,16,64")]
     concurrency: String,
     /// Prompt tokens per request.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, value_parser = crate::bench::at_least_one())]
     prompt_len: usize,
-    /// Generated tokens per request.
-    #[arg(long, default_value_t = 64)]
+    /// Generated tokens per request (at least 2: the decode rate is timed after the first).
+    #[arg(long, default_value_t = 64, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(2..))]
     gen_len: usize,
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
@@ -203,14 +203,16 @@ fn run_level(
                 }
             });
             let start = Instant::now();
-            let handles = prompts
+            let completions = prompts
                 .into_iter()
                 .map(|p| engine.submit(Request::tokens(p, opts.clone())))
                 .collect::<std::result::Result<Vec<_>, _>>()
-                .context("submitting the benchmark requests")?;
-            let completions: Vec<Completion> = handles.into_iter().map(|h| h.wait()).collect();
+                .map(|handles| handles.into_iter().map(|h| h.wait()).collect::<Vec<Completion>>());
             let wall = start.elapsed();
+            // The watcher stops whatever happened (a refused request must not leave it running:
+            // the scope would wait for it for ever).
             done.store(true, Ordering::Relaxed);
+            let completions = completions.context("submitting the benchmark requests")?;
             Ok((wall, completions))
         })?
     };

@@ -23,10 +23,10 @@ pub struct ServeBenchArgs {
     #[arg(long, default_value = "1,8,32")]
     concurrency: String,
     /// Requests per run (default: 4 per client, at least 8).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::bench::at_least_one())]
     requests: Option<usize>,
     /// Words of each prompt (random words, different for every request).
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, default_value_t = 200, value_parser = crate::bench::at_least_one())]
     prompt_words: usize,
     /// Words every prompt starts with, the same for all requests (a shared system prompt: the
     /// engine's prefix cache serves them after the first request), before its own
@@ -34,7 +34,7 @@ pub struct ServeBenchArgs {
     #[arg(long, default_value_t = 0)]
     shared_prefix_words: usize,
     /// Tokens generated per request (end-of-turn ignored).
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = crate::bench::at_least_one())]
     gen_len: usize,
     /// Sent as `Authorization: Bearer KEY`.
     #[arg(long, env = "STEP3_API_KEY", hide_env_values = true)]
