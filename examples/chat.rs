@@ -155,11 +155,15 @@ fn run(args: Args) -> Result<()> {
                 eprintln!("(conversation cleared)");
             }
             ("/image", path) if !path.is_empty() => {
-                if std::path::Path::new(path).is_file() {
-                    pending_images.push(PathBuf::from(path));
-                    eprintln!("(image {path} will go with your next message)");
-                } else {
-                    eprintln!("error: {path}: no such file");
+                // Decoded now, so that a file that is no image is said at once, not after the
+                // next message.
+                let limit = step3::vision::PreprocessConfig::default().max_pixels;
+                match step3::vision::load_image(std::path::Path::new(path), limit) {
+                    Ok(_) => {
+                        pending_images.push(PathBuf::from(path));
+                        eprintln!("(image {path} will go with your next message)");
+                    }
+                    Err(e) => eprintln!("error: {e}"),
                 }
             }
             ("/image", _) => eprintln!("usage: /image PATH"),

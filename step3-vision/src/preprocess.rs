@@ -144,6 +144,14 @@ pub fn decode_image(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, VisionErr
             reason: "not a recognised image format (PNG, JPEG, WebP, GIF, BMP)".into(),
         });
     }
+    // The JPEG decoder fills a cut-off scan with made-up pixels; the reference's (Pillow) says
+    // "image file is truncated". The end-of-image marker must follow the last scan.
+    if reader.format() == Some(image::ImageFormat::Jpeg) && jpeg_is_truncated(bytes) {
+        return Err(VisionError::Decode {
+            path: None,
+            reason: "the JPEG data is truncated (no end-of-image marker after its last scan)".into(),
+        });
+    }
     let (w, h) = reader.into_dimensions().map_err(|e| VisionError::Decode { path: None, reason: e.to_string() })?;
     if w as u64 * h as u64 > max_pixels {
         return Err(VisionError::TooLarge { path: None, width: w, height: h, max_pixels });
@@ -161,6 +169,17 @@ pub fn decode_image(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, VisionErr
         return Err(VisionError::Decode { path: None, reason: "the image has no pixels".into() });
     }
     Ok(to_rgb(img))
+}
+
+/// Whether a JPEG stream lacks the end-of-image marker (`FF D9`) after the start of its last scan
+/// (`FF DA`). Inside a scan `FF` is always followed by `00` or a restart marker, so the marker
+/// cannot occur by chance there.
+fn jpeg_is_truncated(bytes: &[u8]) -> bool {
+    let last_scan = bytes.windows(2).rposition(|w| w == [0xFF, 0xDA]);
+    match last_scan {
+        Some(i) => !bytes[i..].windows(2).any(|w| w == [0xFF, 0xD9]),
+        None => true,
+    }
 }
 
 /// `DIV255` of Pillow's blending: `(t + (t >> 8)) >> 8` with `t = x + 128`.
@@ -487,6 +506,15 @@ mod tests {
         assert_eq!(decode_image(&png, 1 << 20).unwrap().dimensions(), (300, 200));
         let truncated = &png[..png.len() / 2];
         assert!(decode_image(truncated, 1 << 20).is_err());
+        // A JPEG cut anywhere in (or right after) its scan data is refused, not filled in.
+        let mut jpg = Vec::new();
+        let noisy = RgbImage::from_fn(64, 48, |x, y| image::Rgb([(x * 7 + y * 3) as u8, (x * y) as u8, (x ^ y) as u8]));
+        DynamicImage::ImageRgb8(noisy).write_to(&mut Cursor::new(&mut jpg), image::ImageFormat::Jpeg).unwrap();
+        assert_eq!(decode_image(&jpg, 1 << 20).unwrap().dimensions(), (64, 48));
+        for cut in [2, 40, jpg.len() / 2] {
+            let err = decode_image(&jpg[..jpg.len() - cut], 1 << 20).unwrap_err().to_string();
+            assert!(err.contains("truncated") || err.contains("JPEG") || err.contains("end"), "cut {cut}: {err}");
+        }
     }
 
     #[test]
