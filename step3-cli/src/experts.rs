@@ -227,6 +227,7 @@ fn print_summary(weights: &WeightStats, routing: Option<&RoutingStats>, flags: &
                 FlagKind::Starved => format!("starved (share {:.5} = {:.3} x 1/E)", f.value, f.value * e as f64),
                 FlagKind::Vanishing => format!("vanishing (output norm {:.3e} x the layer median)", f.value),
                 FlagKind::VanishingWeights => format!("vanishing weights (norm {:.3e} x the layer median)", f.value),
+                FlagKind::NonFinite => format!("non-finite ({}: NaN or infinite weights or outputs)", f.value),
             };
             println!("  layer {:>3} expert {:>3}: {what}", f.layer, f.expert);
         }
@@ -256,7 +257,7 @@ fn heatmap(path: &Path, weights: &WeightStats, routing: Option<&RoutingStats>, f
     let mut panels: Vec<Panel> = vec![(
         "down_proj norm / layer median (weights)".into(),
         weights.layers.iter().map(|l| l.ratios.iter().map(|r| r.down).collect()).collect(),
-        &[FlagKind::VanishingWeights],
+        &[FlagKind::VanishingWeights, FlagKind::NonFinite],
     )];
     if let Some(r) = routing {
         panels.push((
@@ -267,7 +268,7 @@ fn heatmap(path: &Path, weights: &WeightStats, routing: Option<&RoutingStats>, f
         panels.push((
             "output norm before gating / layer median".into(),
             r.layers.iter().map(|l| l.experts.iter().map(|x| x.out_norm_ratio).collect()).collect(),
-            &[FlagKind::Vanishing],
+            &[FlagKind::Vanishing, FlagKind::NonFinite],
         ));
     }
     let cell = (900 / e.max(1)).clamp(6, 40) as u32;

@@ -107,9 +107,18 @@ pub fn run(a: InspectArgs) -> Result<ExitCode> {
     let dtype = match (&a.dtype, a.device.to_ascii_lowercase().as_str()) {
         (Some(d), _) => step3::parse_dtype(d)?,
         (None, "cpu") => step3::default_dtype(&step3::Device::Cpu),
-        (None, d) if d == "gpu" || d.starts_with("cuda") => step3::DType::BF16,
-        (None, other) => bail!("--device must be cpu or cuda, not `{other}`"),
+        (None, d)
+            if d == "gpu" || d == "cuda" || d.strip_prefix("cuda:").is_some_and(|n| n.parse::<usize>().is_ok()) =>
+        {
+            step3::DType::BF16
+        }
+        (None, other) => bail!("--device must be cpu, cuda or cuda:N, not `{other}`"),
     };
+    if let Some(g) = a.device_memory_gib {
+        if !(g.is_finite() && g > 0.0 && g <= 1e6) {
+            bail!("--device-memory-gib must be a positive number of GiB (at most 1e6), not {g}")
+        }
+    }
     let fp8: Vec<String> =
         ckpt.as_ref().map(|c| c.fp8_tensors().into_iter().map(|t| t.name).collect()).unwrap_or_default();
     let resident = ckpt

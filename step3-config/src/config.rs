@@ -140,6 +140,23 @@ impl TextConfig {
             ("share_expert_dim", self.share_expert_dim),
         ];
         require_positive(path, prefix, &positive)?;
+        // Sizes whose products no real model reaches would overflow the parameter and memory
+        // arithmetic downstream: a clear error instead.
+        let f = |v: usize| v as f64;
+        let per_layer = 3.0
+            * f(self.hidden_size)
+            * f(self.intermediate_size)
+                .max(f(self.moe_num_experts) * f(self.moe_intermediate_size) + f(self.share_expert_dim))
+            + f(self.hidden_size) * (f(self.share_q_dim) + 2.0 * f(self.num_attention_heads) * f(self.head_dim))
+            + f(self.share_q_dim) * f(self.num_attention_heads) * f(self.head_dim);
+        let total = f(self.num_hidden_layers) * per_layer + 2.0 * f(self.vocab_size) * f(self.hidden_size);
+        if total > 1e15 {
+            return Err(Error::key(
+                path,
+                key("hidden_size"),
+                format!("with the other sizes makes about {total:.2e} parameters, beyond any real model (1e15): check the sizes"),
+            ));
+        }
         if self.num_attention_groups != 1 {
             return Err(Error::key(
                 path,

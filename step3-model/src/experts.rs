@@ -387,6 +387,8 @@ pub enum FlagKind {
     Vanishing,
     /// A projection's weight norm far below the layer median (weights only).
     VanishingWeights,
+    /// A weight norm (NaN or infinite weights) or the output norm on the prompts is not finite.
+    NonFinite,
 }
 
 /// One flagged expert.
@@ -435,6 +437,7 @@ impl FlagRules {
                  projection",
                 self.vanishing_fraction
             ),
+            "non_finite: a projection's norm or the output norm is NaN or infinite (broken weights)".to_string(),
         ]
     }
 
@@ -442,8 +445,11 @@ impl FlagRules {
     pub fn weight_flags(&self, stats: &WeightStats) -> Vec<ExpertFlag> {
         let mut out = Vec::new();
         for l in &stats.layers {
-            for (expert, r) in l.ratios.iter().enumerate() {
-                if r.min() < self.vanishing_fraction {
+            for (expert, (r, n)) in l.ratios.iter().zip(&l.experts).enumerate() {
+                if ![n.gate, n.up, n.down].iter().all(|v| v.is_finite()) {
+                    let bad = [n.gate, n.up, n.down].into_iter().find(|v| !v.is_finite()).unwrap_or(f64::NAN);
+                    out.push(ExpertFlag { layer: l.layer, expert, kind: FlagKind::NonFinite, value: bad });
+                } else if r.min() < self.vanishing_fraction {
                     out.push(ExpertFlag { layer: l.layer, expert, kind: FlagKind::VanishingWeights, value: r.min() });
                 }
             }
@@ -463,7 +469,9 @@ impl FlagRules {
                 } else if a.share < self.starved_fraction * balanced {
                     out.push(flag(FlagKind::Starved, a.share));
                 }
-                if a.out_norm_ratio < self.vanishing_fraction {
+                if !a.mean_out_norm.is_finite() {
+                    out.push(flag(FlagKind::NonFinite, a.mean_out_norm));
+                } else if a.out_norm_ratio < self.vanishing_fraction {
                     out.push(flag(FlagKind::Vanishing, a.out_norm_ratio));
                 }
             }
@@ -504,6 +512,23 @@ mod tests {
         load.reset();
         assert_eq!(load.counts(4), Some(&[0, 0, 0, 0][..]));
         Ok(())
+    }
+
+    /// NaN or infinite weights are flagged as such (never hidden by a NaN ratio that compares
+    /// false).
+    #[test]
+    fn non_finite_weights_are_flagged() {
+        let n = |d: f64| ProjectionNorms { gate: 1.0, up: 1.0, down: d };
+        let experts = vec![n(1.0), n(f64::NAN), n(f64::INFINITY), n(1e-3)];
+        let median = n(1.0);
+        let ratios = experts.iter().map(|e| e.ratio(&median)).collect();
+        let stats = WeightStats {
+            num_experts: 4,
+            layers: vec![LayerWeightStats { layer: 3, experts, ratios, median, shared: n(1.0) }],
+        };
+        let kinds: Vec<(usize, FlagKind)> =
+            FlagRules::default().weight_flags(&stats).iter().map(|f| (f.expert, f.kind)).collect();
+        assert_eq!(kinds, vec![(1, FlagKind::NonFinite), (2, FlagKind::NonFinite), (3, FlagKind::VanishingWeights)]);
     }
 
     #[test]
