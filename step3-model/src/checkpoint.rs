@@ -465,3 +465,56 @@ pub fn save_tensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()
         .map_err(|e| Error::Input(format!("writing {}: {e}", path.display())))?;
     std::fs::set_permissions(&target, permissions).map_err(io)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tensors() -> HashMap<String, Tensor> {
+        let t = Tensor::arange(0f32, 6.0, &Device::Cpu).and_then(|t| t.reshape((2, 3))).unwrap();
+        HashMap::from([("x".to_string(), t)])
+    }
+
+    fn read_back(path: &Path) -> Vec<f32> {
+        let loaded = candle_core::safetensors::load(path, &Device::Cpu).unwrap();
+        loaded["x"].flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    /// Through a link (the link stays, the file it names gets the tensors and keeps its mode),
+    /// into a FIFO as a stream, a new file with the umask's mode, a directory refused.
+    #[test]
+    fn save_tensors_writes_where_and_as_users_expect() {
+        use std::os::unix::fs::{FileTypeExt as _, PermissionsExt as _};
+        let dir = tempfile::tempdir().unwrap();
+        let want = vec![0f32, 1.0, 2.0, 3.0, 4.0, 5.0];
+        let (real, link) = (dir.path().join("real.st"), dir.path().join("link.st"));
+        std::fs::write(&real, b"old").unwrap();
+        std::fs::set_permissions(&real, std::fs::Permissions::from_mode(0o640)).unwrap();
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        save_tensors(&tensors(), &link).unwrap();
+        assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+        assert_eq!(std::fs::metadata(&real).unwrap().permissions().mode() & 0o777, 0o640);
+        assert_eq!(read_back(&real), want);
+
+        let new = dir.path().join("new.st");
+        save_tensors(&tensors(), &new).unwrap();
+        let probe = dir.path().join("probe");
+        std::fs::File::create(&probe).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&new), mode(&probe), "a new file gets what any created file gets");
+        assert_eq!(read_back(&new), want);
+
+        let fifo = dir.path().join("fifo");
+        assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+        let reader = {
+            let fifo = fifo.clone();
+            std::thread::spawn(move || std::fs::read(fifo).unwrap())
+        };
+        save_tensors(&tensors(), &fifo).unwrap();
+        let streamed = reader.join().unwrap();
+        assert_eq!(streamed, std::fs::read(&new).unwrap());
+        assert!(std::fs::metadata(&fifo).unwrap().file_type().is_fifo());
+
+        assert!(save_tensors(&tensors(), dir.path()).unwrap_err().to_string().contains("directory"));
+    }
+}
