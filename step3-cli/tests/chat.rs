@@ -74,6 +74,24 @@ fn chat_prompts_use_the_template_and_expand_images() {
     assert_eq!(ids.iter().filter(|&&t| t == tok.token_id("<patch_start>").unwrap()).count(), 3);
 }
 
+/// The same prompt as messages, as rendered text and as token ids splits the answer into
+/// reasoning and text the same way (the template ends with `<think>\n`, a newline token after the
+/// marker).
+#[test]
+fn messages_text_and_ids_split_the_answer_alike() {
+    let model = demo();
+    let messages = [Message::user("same")];
+    let opts = GenerateOptions { ignore_eos: true, ..greedy(12) };
+    let whole = model.generate(&messages, &opts).unwrap();
+    let from_text = model.complete_text(&model.render(&messages).unwrap(), &[], &opts).unwrap();
+    let (ids, _) = model.prompt(&messages).unwrap();
+    let from_ids = model.complete(&ids, &[], &opts).unwrap();
+    for r in [&from_text, &from_ids] {
+        assert_eq!((r.reasoning.as_str(), r.text.as_str()), (whole.reasoning.as_str(), whole.text.as_str()));
+    }
+    assert!(!whole.reasoning.is_empty());
+}
+
 #[test]
 fn special_tokens_are_single_ids_and_text_round_trips() {
     let tok = step3::Step3Tokenizer::from_dir(&demo_dir()).unwrap();

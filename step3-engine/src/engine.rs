@@ -179,6 +179,21 @@ impl Engine {
                 config.block_size
             )));
         }
+        // An explicit size must fit where it goes (an allocation that cannot be met aborts the
+        // process): the free memory of the GPU, or this machine's RAM for every rank's pool.
+        let (room, place) = match cuda_free_memory(text.device()) {
+            Some(free) => (Some(free), "free on the GPU"),
+            None => (total_memory().map(|m| m / text.num_ranks() as u64), "of RAM per rank"),
+        };
+        let bytes = (num_blocks as u64).checked_mul(block_bytes);
+        if let (Some(room), false) = (room, matches!(config.kv_cache, KvCacheSize::Auto)) {
+            if bytes.is_none_or(|b| b > room) {
+                return Err(EngineError::Config(format!(
+                    "a KV cache of {num_blocks} blocks ({} bytes) does not fit in the {room} bytes {place}",
+                    bytes.map_or_else(|| "more than 2^64".to_string(), |b| b.to_string())
+                )));
+            }
+        }
         let cache = text.new_paged_cache(num_blocks, config.block_size)?;
         let template = tokenizer.as_ref().map(ChatTemplate::for_tokenizer).transpose()?;
         let think_end = tokenizer.as_ref().and_then(|t| t.token_id(step3_model::tokenizer::THINK_END));
@@ -290,8 +305,13 @@ impl Engine {
             Prompt::Tokens { ids, images } => {
                 let images = preprocess(images)?;
                 let ids = self.expand(ids, &images)?;
-                let think = self.tokenizer().and_then(|t| t.token_id(THINK));
-                let opens_reasoning = think.is_some() && ids.last().copied() == think;
+                // As for text: the prompt ends with `<think>`, whitespace after it aside (the chat
+                // template writes `<think>\n`).
+                let opens_reasoning = self.tokenizer().is_some_and(|t| {
+                    let Some(think) = t.token_id(THINK) else { return false };
+                    let blank = |id: &u32| t.decode(&[*id]).is_ok_and(|s| s.trim().is_empty());
+                    ids.iter().rev().take(8).find(|id| **id == think || !blank(id)) == Some(&think)
+                });
                 Ok(Prepared { ids, images, opens_reasoning })
             }
         }
@@ -301,6 +321,25 @@ impl Engine {
         let ids = self.require_tokenizer()?.encode(text)?;
         let ids = self.expand(&ids, &images)?;
         Ok(Prepared { ids, images, opens_reasoning: text.trim_end().ends_with(THINK) })
+    }
+
+    /// A prepared prompt holds one `<im_patch>` per feature of its images (none without images).
+    fn check_prepared(&self, p: &Prepared) -> Result<(), Error> {
+        if p.images.is_empty() {
+            return Ok(());
+        }
+        let model = &self.shared.model;
+        let patch = model.image_token_id.ok_or_else(|| Error::Input("this model takes no images".into()))?;
+        let found = p.ids.iter().filter(|&&t| t == patch).count();
+        let layouts = p.images.iter().map(|i| model.layout(i)).collect::<Result<Vec<_>, _>>()?;
+        let want: usize = layouts.iter().map(|l| l.num_features()).sum();
+        if found != want {
+            return Err(Error::Input(format!(
+                "the prepared prompt has {found} <im_patch> tokens, but its {} image(s) give {want} features",
+                p.images.len()
+            )));
+        }
+        Ok(())
     }
 
     /// One `<im_patch>` per image expanded to its layout (full layouts are kept as they are).
@@ -350,7 +389,12 @@ impl Engine {
         let params = self.shared.generation.sampling(&request.options);
         params.validate().map_err(invalid)?;
         let prepared = match request.prompt {
-            Prompt::Prepared(p) => p,
+            Prompt::Prepared(p) => {
+                // Made by `prepare`, but perhaps changed since: its placeholders must match its
+                // images' features exactly, or the step would fail (with every request in it).
+                self.check_prepared(&p).map_err(invalid)?;
+                p
+            }
             other => self.prepare(&other).map_err(invalid)?,
         };
         let text = &self.shared.model.text;
@@ -487,7 +531,16 @@ impl Runner {
                 }
             }
             match self.execute(&plan) {
-                Ok(samples) => {
+                Ok(results) => {
+                    // A row that could not be sampled fails its own request only.
+                    let mut samples = Vec::with_capacity(results.len());
+                    let mut failed = Vec::new();
+                    for (id, r) in results {
+                        match r {
+                            Ok(s) => samples.push((id, s)),
+                            Err(e) => failed.push((id, e)),
+                        }
+                    }
                     let tokens: Vec<(SeqId, u32)> = samples.iter().map(|(id, s)| (*id, s.token)).collect();
                     self.scheduler.complete(&plan, &tokens);
                     let prompt_tokens: usize = plan
@@ -498,6 +551,9 @@ impl Runner {
                     self.shared.metrics.tokens(prompt_tokens as u64, samples.len() as u64);
                     for (id, sampled) in samples {
                         self.emit(id, sampled);
+                    }
+                    for (id, e) in failed {
+                        self.finish(id, FinishReason::Error, Some(format!("sampling failed: {e}")));
                     }
                 }
                 Err(e) => {
@@ -581,8 +637,10 @@ impl Runner {
     }
 
     /// Runs one step: embeddings (with image features), the forward pass, and a sample for every
-    /// piece that ends at its sequence's last token.
-    fn execute(&mut self, plan: &Plan) -> Result<Vec<(SeqId, Sampled)>, Error> {
+    /// piece that ends at its sequence's last token (or why that row could not be sampled: its
+    /// request alone fails).
+    #[allow(clippy::type_complexity)]
+    fn execute(&mut self, plan: &Plan) -> Result<Vec<(SeqId, Result<Sampled, Error>)>, Error> {
         let model = &self.shared.model;
         let text = &model.text;
         let device = text.device();
@@ -655,8 +713,8 @@ impl Runner {
         for (id, row) in owners.into_iter().zip(logits) {
             let (Some(a), Some(seq)) = (self.active.get_mut(&id), self.scheduler.get(id)) else { continue };
             let sampled = match a.forced.pop_front() {
-                Some(token) => a.sampler.force(&row, token),
-                None => a.sampler.sample(&row, &seq.tokens)?,
+                Some(token) => Ok(a.sampler.force(&row, token)),
+                None => a.sampler.sample(&row, &seq.tokens),
             };
             out.push((id, sampled));
         }

@@ -295,6 +295,21 @@ fn bad_requests_fail_alone_and_the_pool_ends_free() {
     assert!(bad(greedy(4), vec![]).contains("empty"));
     assert!(bad(greedy(4), vec![7; 4096]).contains("no room in the model's context of 4096"));
     assert!(bad(greedy(2000), prompt(10, 1)).contains("more than the whole KV cache holds"));
+    // Settings that pass as numbers but cannot be sampled with (a temperature that is 0 in f32, a
+    // penalty whose inverse overflows) are refused here, not left to fail a whole step.
+    let sampled = GenerateOptions { temperature: Some(1e-46), top_k: None, ..greedy(4) };
+    assert!(bad(sampled, vec![1, 2]).contains("too small"));
+    assert!(bad(GenerateOptions { repetition_penalty: 1e-40, ..greedy(4) }, vec![1, 2]).contains("repetition"));
+    // A prepared prompt whose placeholders no longer match its image's features.
+    let g = golden();
+    let mut prepared =
+        e.prepare(&step3_engine::Prompt::Tokens { ids: ids(&g["mm"]["input_ids"]), images: mm_images(&g) }).unwrap();
+    prepared.ids.extend(std::iter::repeat_n(e.model().image_token_id.unwrap(), 3));
+    let req = Request { prompt: step3_engine::Prompt::Prepared(prepared), options: greedy(2), ..Default::default() };
+    match e.submit(req) {
+        Err(SubmitError::Invalid(msg)) => assert!(msg.contains("features"), "{msg}"),
+        other => panic!("accepted: {other:?}"),
+    }
     // A cancelled request and a dropped one end (and free their blocks) at the next step.
     let cancelled = e.submit(Request::tokens(prompt(30, 7), greedy(500))).unwrap();
     cancelled.cancel();
@@ -306,10 +321,16 @@ fn bad_requests_fail_alone_and_the_pool_ends_free() {
         let c = h.wait();
         assert_eq!((c.tokens.len(), c.outcome.finish), (20, FinishReason::Length));
     }
+    // The dropped handle's request may still be on its way to the engine thread.
+    let start = Instant::now();
+    while e.metrics().requests_total.get("cancelled") != Some(&2) {
+        assert!(start.elapsed() < Duration::from_secs(30), "{:?}", e.metrics().requests_total);
+        std::thread::sleep(Duration::from_millis(5));
+    }
     wait_idle(&e);
     let m = e.metrics();
     assert_eq!(m.kv_blocks_used, 0);
-    assert_eq!(m.requests_rejected_total, 6);
+    assert_eq!(m.requests_rejected_total, 9);
     assert_eq!(m.requests_total.get("length"), Some(&4));
     assert_eq!(m.requests_total.get("cancelled"), Some(&2));
     assert!(m.time_to_first_token.count >= 4 && m.inter_token_latency.count >= 4 * 19);
@@ -318,6 +339,23 @@ fn bad_requests_fail_alone_and_the_pool_ends_free() {
     assert_eq!(m.expert_load.iter().map(|(l, _)| *l).collect::<Vec<_>>(), cfg.moe_layers_enum);
     let routed: Vec<u64> = m.expert_load.iter().map(|(_, c)| c.iter().sum()).collect();
     assert!(routed.iter().all(|&r| r == routed[0] && r > 0 && r % cfg.moe_top_k as u64 == 0), "{routed:?}");
+}
+
+/// An explicit KV cache larger than the machine can hold is a configuration error, not an abort.
+#[test]
+fn an_impossible_kv_cache_is_a_config_error() {
+    for size in [KvCacheSize::Blocks(1 << 40), KvCacheSize::Blocks(usize::MAX), KvCacheSize::Bytes(u64::MAX)] {
+        let dir = fixtures().join("vl-f32");
+        let ckpt = Step3Checkpoint::open(&dir).unwrap();
+        let opts = LoadOptions { dtype: DType::F32, device: Device::Cpu, ..Default::default() };
+        let model = ckpt.load(&opts).unwrap();
+        let generation = GenerationConfig::load(&dir, ckpt.config(), None).unwrap();
+        match Engine::new(model, None, generation, EngineConfig { kv_cache: size, ..Default::default() }) {
+            Err(step3_engine::EngineError::Config(msg)) => assert!(msg.contains("does not fit"), "{msg}"),
+            Err(other) => panic!("{size:?}: {other}"),
+            Ok(_) => panic!("{size:?} accepted"),
+        }
+    }
 }
 
 #[test]

@@ -70,6 +70,14 @@ impl SamplingParams {
         if !(self.temperature.is_finite() && self.temperature >= 0.0) {
             return Err(Error::Input(format!("temperature must be a number >= 0, got {}", self.temperature)));
         }
+        // The sampler divides f32 logits by it: a value that is 0 in f32 (or whose inverse is
+        // infinite) cannot be sampled with; 0 itself means greedy.
+        if self.temperature > 0.0 && !(1.0 / self.temperature as f32).is_finite() {
+            return Err(Error::Input(format!(
+                "temperature {} is too small to sample with (use 0 for greedy, else at least 1e-30)",
+                self.temperature
+            )));
+        }
         if let Some(p) = self.top_p {
             if !(p > 0.0 && p <= 1.0) {
                 return Err(Error::Input(format!("top-p must be in (0, 1], got {p}")));
@@ -81,11 +89,10 @@ impl SamplingParams {
         if self.max_new_tokens == 0 {
             return Err(Error::Input("max-new-tokens must be at least 1".into()));
         }
-        if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
-            return Err(Error::Input(format!(
-                "repetition-penalty must be a positive number, got {}",
-                self.repetition_penalty
-            )));
+        // The penalty divides or multiplies logits: both it and its inverse must be finite.
+        let p = self.repetition_penalty;
+        if !(p.is_finite() && p > 0.0 && (1.0 / p).is_finite() && p.is_normal()) {
+            return Err(Error::Input(format!("repetition-penalty must be a positive number (normal f32), got {p}")));
         }
         Ok(())
     }

@@ -84,6 +84,12 @@ pub fn common(obj: &Map<String, Value>, logprobs: Option<usize>) -> Result<Commo
         if !(t.is_finite() && t >= 0.0) {
             return Err(ApiError::invalid("temperature", format!("`temperature` must be >= 0, got {t}")));
         }
+        if t > 0.0 && !(1.0 / t as f32).is_finite() {
+            return Err(ApiError::invalid(
+                "temperature",
+                format!("`temperature` {t} is too small to sample with (0 for greedy, else at least 1e-30)"),
+            ));
+        }
     }
     let top_p = number(obj, "top_p")?;
     if let Some(p) = top_p {
@@ -102,7 +108,8 @@ pub fn common(obj: &Map<String, Value>, logprobs: Option<usize>) -> Result<Commo
         }
     };
     let repetition_penalty = number(obj, "repetition_penalty")?.unwrap_or(1.0);
-    if !((repetition_penalty as f32).is_finite() && repetition_penalty > 0.0) {
+    let p32 = repetition_penalty as f32;
+    if !(p32.is_finite() && p32.is_normal() && (1.0 / p32).is_finite() && repetition_penalty > 0.0) {
         return Err(ApiError::invalid(
             "repetition_penalty",
             format!("`repetition_penalty` must be a positive number, got {repetition_penalty}"),

@@ -485,6 +485,8 @@ async fn limits_auth_and_bad_input_get_openai_errors() {
         (chat("hi", json!({"repetition_penalty": 0})).to_string(), Some("repetition_penalty")),
         (chat("hi", json!({"stop": 7})).to_string(), Some("stop")),
         (chat("hi", json!({"repetition_penalty": 1e39})).to_string(), Some("repetition_penalty")),
+        (chat("hi", json!({"repetition_penalty": 1e-40})).to_string(), Some("repetition_penalty")),
+        (chat("hi", json!({"temperature": 1e-46})).to_string(), Some("temperature")),
         (chat("hi", json!({"top_logprobs": 2})).to_string(), Some("top_logprobs")),
         (json!({"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]}).to_string(), Some("model")),
         (json!({"model": "step3-demo", "messages": []}).to_string(), Some("messages")),
