@@ -181,18 +181,30 @@ impl GenerationConfig {
                 Some(v) => v.as_f64().map(Some).ok_or_else(|| bad(key, v)),
             };
             out.temperature = number("temperature")?;
-            out.top_p = number("top_p")?.filter(|p| *p < 1.0);
-            out.top_k = number("top_k")?.map(|k| k as usize).filter(|k| *k > 0);
             if let Some(t) = out.temperature {
                 if !(t.is_finite() && t >= 0.0) {
                     return Err(Error::key(&path, "temperature", format!("must be a number >= 0, found {t}")));
                 }
             }
-            if let Some(p) = out.top_p {
-                if p <= 0.0 {
+            let top_p = number("top_p")?;
+            if let Some(p) = top_p {
+                if !(p > 0.0 && p <= 1.0) {
                     return Err(Error::key(&path, "top_p", format!("must be in (0, 1], found {p}")));
                 }
             }
+            out.top_p = top_p.filter(|p| *p < 1.0);
+            // As in transformers: a whole number, 0 for none.
+            let top_k = number("top_k")?;
+            if let Some(k) = top_k {
+                if !(k >= 0.0 && k.fract() == 0.0 && k < 1e15) {
+                    return Err(Error::key(
+                        &path,
+                        "top_k",
+                        format!("must be a whole number >= 0 (0: none), found {k}"),
+                    ));
+                }
+            }
+            out.top_k = top_k.map(|k| k as usize).filter(|k| *k > 0);
         }
         if let Some(tok) = tokenizer {
             eos.extend([crate::tokenizer::EOT, crate::tokenizer::EOS].iter().filter_map(|t| tok.token_id(t)));
@@ -474,4 +486,37 @@ pub fn generate_from_embeds(
         on_token(t);
     }
     Ok(g.output())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `generation_config.json`'s sampling values are checked, not silently dropped: top-p in
+    /// (0, 1] (1: none), top-k a whole number (0: none, as in transformers), temperature >= 0.
+    #[test]
+    fn generation_config_values_are_checked() {
+        let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/step3-tiny/vl-f32");
+        let config = Step3Config::from_file(fixture.join("config.json")).unwrap();
+        let load = |body: &str| {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::write(dir.path().join(GENERATION_CONFIG), body).unwrap();
+            GenerationConfig::load(dir.path(), &config, None)
+        };
+        let ok = load(r#"{"temperature": 0.7, "top_p": 1.0, "top_k": 0}"#).unwrap();
+        assert_eq!((ok.temperature, ok.top_p, ok.top_k), (Some(0.7), None, None));
+        let ok = load(r#"{"top_p": 0.9, "top_k": 40}"#).unwrap();
+        assert_eq!((ok.top_p, ok.top_k), (Some(0.9), Some(40)));
+        for (body, key) in [
+            (r#"{"top_p": 7}"#, "top_p"),
+            (r#"{"top_p": 0}"#, "top_p"),
+            (r#"{"top_k": -5}"#, "top_k"),
+            (r#"{"top_k": 2.5}"#, "top_k"),
+            (r#"{"temperature": -1}"#, "temperature"),
+            (r#"{"top_k": "many"}"#, "top_k"),
+        ] {
+            let err = load(body).unwrap_err().to_string();
+            assert!(err.contains(key), "{body}: {err}");
+        }
+    }
 }
