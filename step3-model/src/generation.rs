@@ -64,24 +64,44 @@ impl Default for SamplingParams {
     }
 }
 
+/// Why `t` cannot be a sampling temperature, if it cannot: it must be a number >= 0 (0: greedy)
+/// whose inverse is finite in f32, since the sampler divides f32 logits by it. The reason is
+/// worded for the caller to put the setting's name before it.
+pub fn check_temperature(t: f64) -> std::result::Result<(), String> {
+    if !(t.is_finite() && t >= 0.0) {
+        return Err(format!("must be a number >= 0, got {t}"));
+    }
+    if t > 0.0 && !(1.0 / t as f32).is_finite() {
+        return Err(format!("{t} is too small to sample with (use 0 for greedy, else at least 1e-30)"));
+    }
+    Ok(())
+}
+
+/// Why `p` cannot be a top-p, if it cannot: it must lie in (0, 1]. Worded as [`check_temperature`].
+pub fn check_top_p(p: f64) -> std::result::Result<(), String> {
+    if p > 0.0 && p <= 1.0 {
+        Ok(())
+    } else {
+        Err(format!("must be in (0, 1], got {p}"))
+    }
+}
+
+/// Why `p` cannot be a repetition penalty, if it cannot: it divides or multiplies logits, so it
+/// and its inverse must be finite, positive normal f32 numbers. Worded as [`check_temperature`].
+pub fn check_repetition_penalty(p: f32) -> std::result::Result<(), String> {
+    if p.is_finite() && p > 0.0 && (1.0 / p).is_finite() && p.is_normal() {
+        Ok(())
+    } else {
+        Err(format!("must be a positive number (a normal f32), got {p}"))
+    }
+}
+
 impl SamplingParams {
     /// Rejects settings that have no meaning.
     pub fn validate(&self) -> Result<()> {
-        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
-            return Err(Error::Input(format!("temperature must be a number >= 0, got {}", self.temperature)));
-        }
-        // The sampler divides f32 logits by it: a value that is 0 in f32 (or whose inverse is
-        // infinite) cannot be sampled with; 0 itself means greedy.
-        if self.temperature > 0.0 && !(1.0 / self.temperature as f32).is_finite() {
-            return Err(Error::Input(format!(
-                "temperature {} is too small to sample with (use 0 for greedy, else at least 1e-30)",
-                self.temperature
-            )));
-        }
+        check_temperature(self.temperature).map_err(|m| Error::Input(format!("temperature {m}")))?;
         if let Some(p) = self.top_p {
-            if !(p > 0.0 && p <= 1.0) {
-                return Err(Error::Input(format!("top-p must be in (0, 1], got {p}")));
-            }
+            check_top_p(p).map_err(|m| Error::Input(format!("top-p {m}")))?;
         }
         if self.top_k == Some(0) {
             return Err(Error::Input("top-k must be at least 1".into()));
@@ -89,11 +109,8 @@ impl SamplingParams {
         if self.max_new_tokens == 0 {
             return Err(Error::Input("max-new-tokens must be at least 1".into()));
         }
-        // The penalty divides or multiplies logits: both it and its inverse must be finite.
-        let p = self.repetition_penalty;
-        if !(p.is_finite() && p > 0.0 && (1.0 / p).is_finite() && p.is_normal()) {
-            return Err(Error::Input(format!("repetition-penalty must be a positive number (normal f32), got {p}")));
-        }
+        check_repetition_penalty(self.repetition_penalty)
+            .map_err(|m| Error::Input(format!("repetition-penalty {m}")))?;
         Ok(())
     }
 
@@ -188,9 +205,7 @@ impl GenerationConfig {
             }
             let top_p = number("top_p")?;
             if let Some(p) = top_p {
-                if !(p > 0.0 && p <= 1.0) {
-                    return Err(Error::key(&path, "top_p", format!("must be in (0, 1], found {p}")));
-                }
+                check_top_p(p).map_err(|m| Error::key(&path, "top_p", m))?;
             }
             out.top_p = top_p.filter(|p| *p < 1.0);
             // As in transformers: a whole number, 0 for none.

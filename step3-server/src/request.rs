@@ -79,23 +79,14 @@ pub struct Common {
 
 /// Reads and checks the shared settings of `obj`.
 pub fn common(obj: &Map<String, Value>, logprobs: Option<usize>) -> Result<Common, ApiError> {
+    use step3::generation::{check_repetition_penalty, check_temperature, check_top_p};
     let temperature = number(obj, "temperature")?;
     if let Some(t) = temperature {
-        if !(t.is_finite() && t >= 0.0) {
-            return Err(ApiError::invalid("temperature", format!("`temperature` must be >= 0, got {t}")));
-        }
-        if t > 0.0 && !(1.0 / t as f32).is_finite() {
-            return Err(ApiError::invalid(
-                "temperature",
-                format!("`temperature` {t} is too small to sample with (0 for greedy, else at least 1e-30)"),
-            ));
-        }
+        check_temperature(t).map_err(|m| ApiError::invalid("temperature", format!("`temperature` {m}")))?;
     }
     let top_p = number(obj, "top_p")?;
     if let Some(p) = top_p {
-        if !(p > 0.0 && p <= 1.0) {
-            return Err(ApiError::invalid("top_p", format!("`top_p` must be in (0, 1], got {p}")));
-        }
+        check_top_p(p).map_err(|m| ApiError::invalid("top_p", format!("`top_p` {m}")))?;
     }
     let top_k = match integer(obj, "top_k")? {
         None | Some(-1) | Some(0) => None,
@@ -108,13 +99,8 @@ pub fn common(obj: &Map<String, Value>, logprobs: Option<usize>) -> Result<Commo
         }
     };
     let repetition_penalty = number(obj, "repetition_penalty")?.unwrap_or(1.0);
-    let p32 = repetition_penalty as f32;
-    if !(p32.is_finite() && p32.is_normal() && (1.0 / p32).is_finite() && repetition_penalty > 0.0) {
-        return Err(ApiError::invalid(
-            "repetition_penalty",
-            format!("`repetition_penalty` must be a positive number, got {repetition_penalty}"),
-        ));
-    }
+    check_repetition_penalty(repetition_penalty as f32)
+        .map_err(|m| ApiError::invalid("repetition_penalty", format!("`repetition_penalty` {m}")))?;
     for key in ["presence_penalty", "frequency_penalty"] {
         if number(obj, key)?.is_some_and(|v| v != 0.0) {
             return Err(ApiError::invalid(
