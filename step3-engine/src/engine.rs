@@ -180,13 +180,17 @@ impl Engine {
             )));
         }
         // An explicit size must fit where it goes (an allocation that cannot be met aborts the
-        // process): the free memory of the GPU, or this machine's RAM for every rank's pool.
-        let (room, place) = match cuda_free_memory(text.device()) {
-            Some(free) => (Some(free), "free on the GPU"),
-            None => (total_memory().map(|m| m / text.num_ranks() as u64), "of RAM per rank"),
+        // process): the free memory of the GPU, or this machine's RAM for every rank's pool. (The
+        // automatic size is derived from the same figures.)
+        let room = match config.kv_cache {
+            KvCacheSize::Auto => None,
+            _ => match cuda_free_memory(text.device()) {
+                Some(free) => Some((free, "free on the GPU")),
+                None => total_memory().map(|m| (m / text.num_ranks() as u64, "of RAM per rank")),
+            },
         };
-        let bytes = (num_blocks as u64).checked_mul(block_bytes);
-        if let (Some(room), false) = (room, matches!(config.kv_cache, KvCacheSize::Auto)) {
+        if let Some((room, place)) = room {
+            let bytes = (num_blocks as u64).checked_mul(block_bytes);
             if bytes.is_none_or(|b| b > room) {
                 return Err(EngineError::Config(format!(
                     "a KV cache of {num_blocks} blocks ({} bytes) does not fit in the {room} bytes {place}",
@@ -323,16 +327,21 @@ impl Engine {
         Ok(Prepared { ids, images, opens_reasoning: text.trim_end().ends_with(THINK) })
     }
 
+    /// `<im_patch>` tokens in `ids`, and the features `images` give (their full layouts).
+    fn patch_counts(&self, ids: &[u32], images: &[PreprocessedImage]) -> Result<(usize, usize), Error> {
+        let model = &self.shared.model;
+        let patch = model.image_token_id.unwrap_or(u32::MAX);
+        let found = ids.iter().filter(|&&t| t == patch).count();
+        let layouts = images.iter().map(|i| model.layout(i)).collect::<Result<Vec<_>, _>>()?;
+        Ok((found, layouts.iter().map(|l| l.num_features()).sum()))
+    }
+
     /// A prepared prompt holds one `<im_patch>` per feature of its images (none without images).
     fn check_prepared(&self, p: &Prepared) -> Result<(), Error> {
         if p.images.is_empty() {
             return Ok(());
         }
-        let model = &self.shared.model;
-        let patch = model.image_token_id.ok_or_else(|| Error::Input("this model takes no images".into()))?;
-        let found = p.ids.iter().filter(|&&t| t == patch).count();
-        let layouts = p.images.iter().map(|i| model.layout(i)).collect::<Result<Vec<_>, _>>()?;
-        let want: usize = layouts.iter().map(|l| l.num_features()).sum();
+        let (found, want) = self.patch_counts(&p.ids, &p.images)?;
         if found != want {
             return Err(Error::Input(format!(
                 "the prepared prompt has {found} <im_patch> tokens, but its {} image(s) give {want} features",
@@ -351,10 +360,7 @@ impl Engine {
             Some(tok) => self.shared.model.expand_placeholders(ids, images, &tok.image_token_ids()?),
             None => {
                 // Without a tokenizer the layouts cannot be written out: they must be there already.
-                let patch = self.shared.model.image_token_id.unwrap_or(u32::MAX);
-                let found = ids.iter().filter(|&&t| t == patch).count();
-                let layouts = images.iter().map(|i| self.shared.model.layout(i)).collect::<Result<Vec<_>, _>>()?;
-                let want: usize = layouts.iter().map(|l| l.num_features()).sum();
+                let (found, want) = self.patch_counts(ids, images)?;
                 if found != want {
                     return Err(Error::Input(format!(
                         "the prompt has {found} <im_patch> tokens but the images give {want} features; without a \
