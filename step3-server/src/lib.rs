@@ -112,6 +112,12 @@ impl AppState {
     fn context(&self) -> usize {
         self.step3.model().text.config().max_position_embedding()
     }
+
+    /// Token slots in the whole KV cache.
+    fn kv_tokens(&self) -> usize {
+        let engine = self.step3.engine();
+        engine.kv_blocks() * engine.config().block_size
+    }
 }
 
 /// The routes, with auth on `/v1/*`, the body limit, CORS when configured, and one log line per
@@ -220,8 +226,7 @@ async fn prometheus(State(state): State<AppState>) -> Response {
 /// The served model as `/v1/models` lists it; `max_model_len` is the longest prompt + answer a
 /// request can have (the context, or less when the KV cache holds fewer tokens).
 fn model_card(state: &AppState) -> Value {
-    let engine = state.step3.engine();
-    let pool = engine.kv_blocks() * engine.config().block_size;
+    let pool = state.kv_tokens();
     serde_json::json!({
         "id": state.config.served_model_name,
         "object": "model",
@@ -283,8 +288,7 @@ fn budget(state: &AppState, prompt_len: usize, common: &request::Common, param: 
         ));
     }
     let room = context - prompt_len;
-    let engine = state.step3.engine();
-    let pool = engine.kv_blocks() * engine.config().block_size;
+    let pool = state.kv_tokens();
     if prompt_len > pool {
         return Err(ApiError::invalid(
             param,

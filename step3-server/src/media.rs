@@ -172,14 +172,20 @@ mod tests {
         })
     }
 
+    /// An allowed directory (and its resolved path) and a directory outside it holding
+    /// `secret.png`.
+    fn media_dirs() -> (tempfile::TempDir, tempfile::TempDir, PathBuf) {
+        let (root, outside) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let root_path = root.path().canonicalize().unwrap();
+        std::fs::write(outside.path().join("secret.png"), b"SECRET").unwrap();
+        (root, outside, root_path)
+    }
+
     #[test]
     fn local_files_stay_inside_the_allowed_directory() {
-        let root = tempfile::tempdir().unwrap();
-        let outside = tempfile::tempdir().unwrap();
-        let root_path = root.path().canonicalize().unwrap();
+        let (root, outside, root_path) = media_dirs();
         std::fs::write(root.path().join("a.png"), b"inside").unwrap();
         std::fs::write(root.path().join("a b.png"), b"spaced").unwrap();
-        std::fs::write(outside.path().join("secret.png"), b"SECRET").unwrap();
         std::os::unix::fs::symlink(outside.path().join("secret.png"), root.path().join("link.png")).unwrap();
         std::os::unix::fs::symlink(root.path().join("a.png"), root.path().join("inner-link.png")).unwrap();
         let get = |url: &str| bytes(image_from_url(url, Some(&root_path), 1 << 20));
@@ -228,10 +234,7 @@ mod tests {
     /// A link swapped in and out while requests read the name never yields the file outside.
     #[test]
     fn a_swapped_link_never_reads_outside() {
-        let root = tempfile::tempdir().unwrap();
-        let outside = tempfile::tempdir().unwrap();
-        let root_path = root.path().canonicalize().unwrap();
-        std::fs::write(outside.path().join("secret.png"), b"SECRET").unwrap();
+        let (root, outside, root_path) = media_dirs();
         let (name, secret) = (root.path().join("race.png"), outside.path().join("secret.png"));
         std::fs::write(&name, b"inside").unwrap();
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
