@@ -432,38 +432,35 @@ impl candle_nn::var_builder::SimpleBackend for CheckpointBackend<'_> {
 /// created file does). A regular file is written whole to a sibling temporary file first and then
 /// renamed over, so a reader never sees half of it.
 pub fn save_tensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
-    let io = |e: std::io::Error| Error::Input(format!("writing {}: {e}", path.display()));
+    let failed = |e: &dyn std::fmt::Display| Error::Input(format!("writing {}: {e}", path.display()));
     let target = match path.canonicalize() {
         Ok(real) => real,
         // New: its directory, resolved, must exist.
         Err(_) => path.to_path_buf(),
     };
-    match std::fs::metadata(&target) {
-        Ok(m) if !m.is_file() && !m.is_dir() => {
+    let existing = std::fs::metadata(&target).ok();
+    let permissions = match existing {
+        Some(m) if m.is_dir() => return Err(failed(&"it is a directory")),
+        Some(m) if !m.is_file() => {
             // A FIFO or a device: stream the bytes into it.
-            let bytes = safetensors::serialize(tensors.iter().map(|(k, v)| (k.as_str(), v)), None)
-                .map_err(|e| Error::Input(format!("writing {}: {e}", path.display())))?;
+            let bytes =
+                safetensors::serialize(tensors.iter().map(|(k, v)| (k.as_str(), v)), None).map_err(|e| failed(&e))?;
             use std::io::Write as _;
             return std::fs::OpenOptions::new()
                 .write(true)
                 .open(&target)
                 .and_then(|mut f| f.write_all(&bytes))
-                .map_err(io);
+                .map_err(|e| failed(&e));
         }
-        Ok(m) if m.is_dir() => return Err(Error::Input(format!("writing {}: it is a directory", path.display()))),
-        _ => {}
-    }
-    // The permissions the file has, or that a file created here gets (umask applied).
-    let permissions = match std::fs::metadata(&target) {
-        Ok(m) => m.permissions(),
-        Err(_) => {
-            let created = std::fs::File::create(&target).map_err(io)?;
-            created.metadata().map_err(io)?.permissions()
+        // The permissions the file has, or that a file created here gets (umask applied).
+        Some(m) => m.permissions(),
+        None => {
+            let created = std::fs::File::create(&target).map_err(|e| failed(&e))?;
+            created.metadata().map_err(|e| failed(&e))?.permissions()
         }
     };
-    candle_core::safetensors::save(tensors, &target)
-        .map_err(|e| Error::Input(format!("writing {}: {e}", path.display())))?;
-    std::fs::set_permissions(&target, permissions).map_err(io)
+    candle_core::safetensors::save(tensors, &target).map_err(|e| failed(&e))?;
+    std::fs::set_permissions(&target, permissions).map_err(|e| failed(&e))
 }
 
 #[cfg(test)]

@@ -446,8 +446,7 @@ impl FlagRules {
         let mut out = Vec::new();
         for l in &stats.layers {
             for (expert, (r, n)) in l.ratios.iter().zip(&l.experts).enumerate() {
-                if ![n.gate, n.up, n.down].iter().all(|v| v.is_finite()) {
-                    let bad = [n.gate, n.up, n.down].into_iter().find(|v| !v.is_finite()).unwrap_or(f64::NAN);
+                if let Some(bad) = [n.gate, n.up, n.down].into_iter().find(|v| !v.is_finite()) {
                     out.push(ExpertFlag { layer: l.layer, expert, kind: FlagKind::NonFinite, value: bad });
                 } else if r.min() < self.vanishing_fraction {
                     out.push(ExpertFlag { layer: l.layer, expert, kind: FlagKind::VanishingWeights, value: r.min() });
