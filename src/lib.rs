@@ -29,18 +29,24 @@ pub fn parse_dtype(s: &str) -> Result<DType> {
     }
 }
 
+/// The CUDA device a device name asks for (`None`: the CPU), without opening it: `cpu`, `cuda` (or
+/// `gpu`, device 0) or `cuda:N`.
+pub fn device_ordinal(s: &str) -> Result<Option<usize>> {
+    match s.to_ascii_lowercase().as_str() {
+        "cpu" => Ok(None),
+        "cuda" | "gpu" => Ok(Some(0)),
+        other => match other.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()) {
+            Some(n) => Ok(Some(n)),
+            None => Err(Error::Input(format!("unknown device `{other}`: use cpu, cuda or cuda:N"))),
+        },
+    }
+}
+
 /// A device from its name: `cpu`, `cuda` (or `gpu`, device 0) or `cuda:N`, with a clear error when
 /// the build has no CUDA support or the device cannot be opened.
 pub fn parse_device(s: &str) -> Result<Device> {
+    let Some(ordinal) = device_ordinal(s)? else { return Ok(Device::Cpu) };
     let s = s.to_ascii_lowercase();
-    let ordinal = match s.as_str() {
-        "cpu" => return Ok(Device::Cpu),
-        "cuda" | "gpu" => 0,
-        other => match other.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()) {
-            Some(n) => n,
-            None => return Err(Error::Input(format!("unknown device `{other}`: use cpu, cuda or cuda:N"))),
-        },
-    };
     if !candle_core::utils::cuda_is_available() {
         return Err(Error::Input(format!(
             "device `{s}` requested, but this binary was built without CUDA support (rebuild with `--features cuda`)"

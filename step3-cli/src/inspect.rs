@@ -104,15 +104,12 @@ pub fn run(a: InspectArgs) -> Result<ExitCode> {
     let dense: Vec<usize> = (0..t.num_hidden_layers).filter(|&l| !t.is_moe_layer(l)).collect();
     let p = param_counts(t);
     let report = ckpt.as_ref().map(|c| c.check_all());
-    let dtype = match (&a.dtype, a.device.to_ascii_lowercase().as_str()) {
-        (Some(d), _) => step3::parse_dtype(d)?,
-        (None, "cpu") => step3::default_dtype(&step3::Device::Cpu),
-        (None, d)
-            if d == "gpu" || d == "cuda" || d.strip_prefix("cuda:").is_some_and(|n| n.parse::<usize>().is_ok()) =>
-        {
-            step3::DType::BF16
-        }
-        (None, other) => bail!("--device must be cpu, cuda or cuda:N, not `{other}`"),
+    let dtype = match &a.dtype {
+        Some(d) => step3::parse_dtype(d)?,
+        None => match step3::device_ordinal(&a.device).context("--device")? {
+            None => step3::default_dtype(&step3::Device::Cpu),
+            Some(_) => step3::DType::BF16,
+        },
     };
     if let Some(g) = a.device_memory_gib {
         if !(g.is_finite() && g > 0.0 && g <= 1e6) {
