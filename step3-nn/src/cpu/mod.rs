@@ -19,8 +19,12 @@
 //! into a strided output) and [`weighted_rows_acc`] (a weighted sum of f32 rows, probabilities
 //! times V).
 //!
-//! The instruction set is chosen once at run time ([`Isa::detected`]): AVX2+FMA+F16C on x86-64,
-//! NEON on aarch64, else a portable scalar loop. `STEP3_CPU_KERNEL=scalar` forces the scalar loop and
+//! The instruction set is chosen once at run time ([`Isa::detected`]): AVX2+FMA+F16C on x86-64
+//! (and where AVX512-BF16 is present, `vdpbf16ps` for bf16 weights against activations that are
+//! bf16 values, as a bf16 compute dtype's are: the products are the same exact products, without
+//! widening the weight), NEON on aarch64, else a portable scalar loop.
+//! `STEP3_CPU_KERNEL=scalar` forces the scalar loop, `STEP3_CPU_KERNEL=avx2` the AVX2 kernels on an
+//! AVX-512 machine, and
 //! `STEP3_CPU_KERNEL=off` turns the kernels off ([`crate::Weight`] then takes candle's GEMM for
 //! every product, as before these kernels existed: for comparisons); tests call
 //! [`matmul_t_with`] with each [`Isa::available`] path.
@@ -31,6 +35,8 @@ use rayon::prelude::*;
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 #[cfg(target_arch = "aarch64")]
 mod neon;
 
@@ -109,16 +115,22 @@ pub enum Isa {
     Scalar,
     /// x86-64 AVX2 + FMA + F16C.
     Avx2,
+    /// x86-64 AVX2 + FMA + F16C with AVX512F, AVX512BW and AVX512-BF16: bf16 weights against
+    /// activations that are bf16 values (a bf16 compute dtype's) by `vdpbf16ps`; every other
+    /// product as [`Isa::Avx2`].
+    Avx512Bf16,
     /// aarch64 NEON (Advanced SIMD).
     Neon,
 }
 
-/// `STEP3_CPU_KERNEL`, read once: `Some(None)` off, `Some(Some(Scalar))` forced scalar.
+/// `STEP3_CPU_KERNEL`, read once: `Some(None)` off, `Some(Some(isa))` a forced path (`scalar`, or
+/// `avx2` on a machine that also has AVX512-BF16).
 fn setting() -> Option<Option<Isa>> {
     static SETTING: OnceLock<Option<Option<Isa>>> = OnceLock::new();
     *SETTING.get_or_init(|| match std::env::var("STEP3_CPU_KERNEL").map(|v| v.to_ascii_lowercase()).as_deref() {
         Ok("off") => Some(None),
         Ok("scalar") => Some(Some(Isa::Scalar)),
+        Ok("avx2") if Isa::available().contains(&Isa::Avx2) => Some(Some(Isa::Avx2)),
         _ => None,
     })
 }
@@ -134,13 +146,14 @@ pub fn describe() -> String {
         (false, _) => "off (candle GEMM)".into(),
         (true, Isa::Scalar) => "scalar".into(),
         (true, Isa::Avx2) => "avx2+fma+f16c".into(),
+        (true, Isa::Avx512Bf16) => "avx512-bf16 (bf16 weights), avx2+fma+f16c".into(),
         (true, Isa::Neon) => "neon".into(),
     }
 }
 
 impl Isa {
     /// The best path this machine has, detected once; `STEP3_CPU_KERNEL=scalar` forces
-    /// [`Isa::Scalar`].
+    /// [`Isa::Scalar`] and `STEP3_CPU_KERNEL=avx2` [`Isa::Avx2`] (for comparisons).
     pub fn detected() -> Self {
         static ISA: OnceLock<Isa> = OnceLock::new();
         *ISA.get_or_init(|| match setting() {
@@ -158,6 +171,12 @@ impl Isa {
             && std::arch::is_x86_feature_detected!("f16c")
         {
             v.push(Isa::Avx2);
+            if std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512bw")
+                && std::arch::is_x86_feature_detected!("avx512bf16")
+            {
+                v.push(Isa::Avx512Bf16);
+            }
         }
         #[cfg(target_arch = "aarch64")]
         if std::arch::is_aarch64_feature_detected!("neon") {
@@ -172,14 +191,14 @@ impl Isa {
             Isa::Scalar => false,
             #[cfg(target_arch = "x86_64")]
             // Eight values share a scale, `scale · 2^8` is finite, and no value is a NaN code.
-            Isa::Avx2 => match w {
+            Isa::Avx2 | Isa::Avx512Bf16 => match w {
                 WeightSlice::Fp8 { block, scales, nan_free, .. } => {
                     *nan_free && block[1] % 8 == 0 && scales.iter().all(|s| s.abs() < 1e30)
                 }
                 _ => true,
             },
             #[cfg(not(target_arch = "x86_64"))]
-            Isa::Avx2 => false,
+            Isa::Avx2 | Isa::Avx512Bf16 => false,
             // Eight values share a scale, and no value is a NaN code.
             #[cfg(target_arch = "aarch64")]
             Isa::Neon => match w {
@@ -272,7 +291,9 @@ pub fn matmul_t_into(x: &[f32], m: usize, k: usize, w: WeightSlice, n: usize, y:
         return;
     }
     assert!(y.len() >= (m - 1) * ld + n, "y holds {} values, not {m} rows {ld} apart", y.len());
-    rows(Isa::detected(), x, m, k, w, 0, n, Out { ptr: y.as_mut_ptr(), ld }, &Laid::None);
+    let isa = Isa::detected();
+    let laid = Laid::new(isa, x, m, k, &w);
+    rows(isa, x, m, k, w, 0, n, Out { ptr: y.as_mut_ptr(), ld }, &laid);
 }
 
 /// `y[j, :] += Σ_r p[j·ld + r] · w[r, :]` for `j < m`, over the `n` rows of `w [n, k]`, in row
@@ -297,7 +318,7 @@ pub fn weighted_rows_acc_with(isa: Isa, p: &[f32], m: usize, ld: usize, w: &[f32
     }
     assert!(p.len() >= (m - 1) * ld + n, "p holds {} values, not {m} rows {ld} apart", p.len());
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx2 {
+    if matches!(isa, Isa::Avx2 | Isa::Avx512Bf16) {
         // SAFETY: AVX2 and FMA were detected (`Isa::available`); the lengths were checked above.
         unsafe { avx2::weighted_rows_acc(p.as_ptr(), m, ld, w.as_ptr(), n, k, y.as_mut_ptr()) };
         return;
@@ -312,18 +333,25 @@ pub fn weighted_rows_acc_with(isa: Isa, p: &[f32], m: usize, ld: usize, w: &[f32
     }
 }
 
-/// The activations laid out once per product for a path that reads them in another order (the
-/// AVX2 packed path), shared by the threads.
+/// The activations laid out once per product for a path that reads them in another order or
+/// form (the AVX2 packed path; bf16 for the AVX512-BF16 path), shared by the threads.
 enum Laid {
     None,
     #[cfg(target_arch = "x86_64")]
     Avx2(avx2::Layout),
+    /// The activations in bf16, exactly (see [`avx512::bf16_exact`]), against a bf16 weight.
+    #[cfg(target_arch = "x86_64")]
+    Bf16(Vec<u16>),
 }
 
 impl Laid {
     fn new(isa: Isa, x: &[f32], m: usize, k: usize, w: &WeightSlice) -> Self {
         #[cfg(target_arch = "x86_64")]
-        if isa == Isa::Avx2 && isa.vectorizes(w) {
+        if isa == Isa::Avx512Bf16 && matches!(w, WeightSlice::Bf16(_)) && avx512::bf16_exact(x) {
+            return Self::Bf16(avx512::to_bf16(x));
+        }
+        #[cfg(target_arch = "x86_64")]
+        if matches!(isa, Isa::Avx2 | Isa::Avx512Bf16) && isa.vectorizes(w) {
             if let Some(l) = avx2::Layout::new(x, m, k, w) {
                 return Self::Avx2(l);
             }
@@ -337,10 +365,17 @@ impl Laid {
 #[allow(clippy::too_many_arguments)]
 fn rows(isa: Isa, x: &[f32], m: usize, k: usize, w: WeightSlice, r0: usize, r1: usize, out: Out, laid: &Laid) {
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx2 && isa.vectorizes(&w) {
+    if let (Laid::Bf16(xb), WeightSlice::Bf16(wb)) = (laid, w) {
+        // SAFETY: `Laid::Bf16` is only made on the AVX512-BF16 path (`Isa::available`), from `x`
+        // (`[m, k]`) against this bf16 weight, whose length `matmul_t_with` checked.
+        unsafe { avx512::rows(xb, m, k, wb.as_ptr().cast(), r0, r1, out) };
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if matches!(isa, Isa::Avx2 | Isa::Avx512Bf16) && isa.vectorizes(&w) {
         let laid = match laid {
             Laid::Avx2(l) => Some(l),
-            Laid::None => None,
+            _ => None,
         };
         // SAFETY: AVX2, FMA and F16C were detected (`Isa::available`,
         // `Isa::vectorizes`); the slice lengths were checked by `matmul_t_with`.
@@ -459,18 +494,61 @@ mod tests {
         }
     }
 
+    /// `v` rounded to bf16 values (a bf16 compute dtype's activations).
+    fn bf16_values(v: &[f32]) -> Vec<f32> {
+        v.iter().map(|v| half::bf16::from_f32(*v).to_f32()).collect()
+    }
+
+    /// With f32 activations and with activations that are bf16 values (the AVX512-BF16 path's
+    /// case, where the machine has it), K tails of every width below 32 and 8.
     #[test]
     fn every_dtype_and_path_matches_f64_over_awkward_shapes() {
-        let shapes =
-            [(1, 1, 1), (1, 7, 5), (2, 9, 3), (3, 17, 13), (5, 33, 4), (8, 131, 21), (16, 250, 9), (17, 64, 7)];
+        let shapes = [
+            (1, 1, 1),
+            (1, 7, 5),
+            (2, 9, 3),
+            (3, 17, 13),
+            (5, 33, 4),
+            (8, 131, 21),
+            (16, 250, 9),
+            (17, 64, 7),
+            (4, 63, 6),
+            (6, 1030, 5),
+        ];
         for (seed, &(m, k, n)) in shapes.iter().enumerate() {
-            let x = vals(m * k, seed as u64);
+            let x32 = vals(m * k, seed as u64);
             let wf = vals(n * k, 100 + seed as u64);
-            check(&x, m, k, WeightSlice::F32(&wf), n);
             let wb: Vec<_> = wf.iter().map(|v| half::bf16::from_f32(*v)).collect();
-            check(&x, m, k, WeightSlice::Bf16(&wb), n);
             let wh: Vec<_> = wf.iter().map(|v| half::f16::from_f32(*v)).collect();
-            check(&x, m, k, WeightSlice::F16(&wh), n);
+            for x in [x32.clone(), bf16_values(&x32)] {
+                check(&x, m, k, WeightSlice::F32(&wf), n);
+                check(&x, m, k, WeightSlice::Bf16(&wb), n);
+                check(&x, m, k, WeightSlice::F16(&wh), n);
+            }
+        }
+    }
+
+    /// Subnormal activations, which `vdpbf16ps` would read as zero, keep their products (they
+    /// take the AVX2 path), and infinities and NaNs propagate on every path.
+    #[test]
+    fn subnormal_and_non_finite_activations_keep_their_products() {
+        let sub = f32::from_bits(0x0001_0000);
+        assert!(sub > 0.0 && sub < f32::MIN_POSITIVE);
+        let k = 40;
+        let w: Vec<_> = (0..2 * k).map(|i| half::bf16::from_f32(if i == 3 { 1e30 } else { 0.5 })).collect();
+        let mut x = vec![0f32; k];
+        x[3] = sub;
+        for isa in Isa::available() {
+            let y = matmul_t_with(isa, &x, 1, k, WeightSlice::Bf16(&w), 2);
+            let want = (sub as f64 * w[3].to_f64()) as f32;
+            assert!((y[0] - want).abs() <= want * 1e-6, "{isa:?}: {} vs {want}", y[0]);
+            assert_eq!(y[1], sub * 0.5, "{isa:?}");
+            for (bad, want_nan) in [(f32::INFINITY, false), (f32::NAN, true)] {
+                let mut xb = vec![1f32; k];
+                xb[7] = bad;
+                let y = matmul_t_with(isa, &xb, 1, k, WeightSlice::Bf16(&w), 2);
+                assert!(y.iter().all(|v| v.is_nan() == want_nan && (want_nan || v.is_infinite())), "{isa:?} {y:?}");
+            }
         }
     }
 
@@ -604,8 +682,8 @@ mod tests {
                 fp8(wide, &s_wide),
             ];
             for m in [2, 3, 4, 7, 8, 16, 17] {
-                let x = vals(m * k, 60 + m as u64);
-                for w in weights {
+                let x32 = vals(m * k, 60 + m as u64);
+                for (w, x) in weights.into_iter().flat_map(|w| [(w, x32.clone()), (w, bf16_values(&x32))]) {
                     for isa in Isa::available() {
                         let all = matmul_t_with(isa, &x, m, k, w, n);
                         for j in 0..m {
@@ -628,7 +706,11 @@ mod tests {
             let x = vals(m * k, 80 + m as u64);
             let wf = vals(n * k, 81);
             let wb: Vec<_> = wf.iter().map(|v| half::bf16::from_f32(*v)).collect();
-            for w in [WeightSlice::F32(&wf), WeightSlice::Bf16(&wb)] {
+            for (w, x) in [
+                (WeightSlice::F32(&wf), x.clone()),
+                (WeightSlice::Bf16(&wb), x.clone()),
+                (WeightSlice::Bf16(&wb), bf16_values(&x)),
+            ] {
                 let want = matmul_t(&x, m, k, w, n);
                 let ld = n + 3;
                 let mut y = vec![7f32; m * ld];
