@@ -1,5 +1,6 @@
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
+use rayon::prelude::*;
 use step3_nn::Weight;
 
 use crate::{MoeConfig, Routing};
@@ -122,7 +123,8 @@ impl StackedExperts {
     ///
     /// With the weights on another device, the rows routed to a held expert are copied there,
     /// computed, and copied back. On CUDA with every expert held, dense and bf16/f16, this is
-    /// [`Self::forward_fused`] (no host round-trip); otherwise [`Self::forward_grouped`].
+    /// [`Self::forward_fused`] (no host round-trip); on the CPU, [`Self::forward_cpu`] where it
+    /// applies; otherwise [`Self::forward_grouped`].
     pub fn forward(&self, xs: &Tensor, routing: &Routing) -> Result<Tensor> {
         if !self.device.same_device(xs.device()) {
             return self.forward_elsewhere(xs, routing);
@@ -131,7 +133,15 @@ impl StackedExperts {
         if xs.device().is_cuda() && dense_half && self.holds_all() {
             self.forward_fused(xs, routing)
         } else {
-            self.forward_grouped(xs, routing)
+            self.grouped(xs, routing)
+        }
+    }
+
+    /// [`Self::forward_cpu`] where it applies, else [`Self::forward_grouped`].
+    fn grouped(&self, xs: &Tensor, routing: &Routing) -> Result<Tensor> {
+        match self.forward_cpu(xs, routing)? {
+            Some(y) => Ok(y),
+            None => self.forward_grouped(xs, routing),
         }
     }
 
@@ -171,7 +181,7 @@ impl StackedExperts {
         let idx = Tensor::new(rows.as_slice(), xs.device())?;
         let sub = |t: &Tensor| -> Result<Tensor> { t.index_select(&idx, 0)?.to_device(&self.device) };
         let part = Routing { ids: sub(&routing.ids)?, weights: sub(&routing.weights)? };
-        let y = self.forward_grouped(&sub(xs)?, &part)?.to_device(xs.device())?;
+        let y = self.grouped(&sub(xs)?, &part)?.to_device(xs.device())?;
         out.index_add(&idx, &y, 0)
     }
 
@@ -184,25 +194,11 @@ impl StackedExperts {
     /// not held here are skipped.
     pub fn forward_grouped(&self, xs: &Tensor, routing: &Routing) -> Result<Tensor> {
         let (n, h) = xs.dims2()?;
-        let k = routing.ids.dim(1)?;
-        let ids = routing.ids.flatten_all()?.to_vec1::<u32>()?;
-        let mut tokens: Vec<Vec<u32>> = vec![Vec::new(); self.num_experts];
-        let mut slots: Vec<Vec<u32>> = vec![Vec::new(); self.num_experts];
-        for (slot, &e) in ids.iter().enumerate() {
-            let e = e as usize;
-            if e >= self.total_experts {
-                candle_core::bail!("router chose expert {e} of {}", self.total_experts)
-            }
-            let Some(local) = e.checked_sub(self.first_expert).filter(|&l| l < self.num_experts) else {
-                continue;
-            };
-            tokens[local].push((slot / k) as u32);
-            slots[local].push(slot as u32);
-        }
+        let (tokens, slots) = self.groups(routing)?;
         let weights = routing.weights.flatten_all()?.to_dtype(xs.dtype())?;
         let dev = xs.device();
         let mut outputs = Vec::new();
-        let mut rows = Vec::with_capacity(n * k);
+        let mut rows = Vec::with_capacity(n * routing.ids.dim(1)?);
         for e in 0..self.num_experts {
             if tokens[e].is_empty() {
                 continue;
@@ -219,5 +215,98 @@ impl StackedExperts {
         }
         let rows = Tensor::new(rows.as_slice(), dev)?;
         out.index_add(&rows, &Tensor::cat(&outputs, 0)?, 0)
+    }
+
+    /// The tokens routed to each expert held here (local index), and their routing slots
+    /// (`token · k + j`), both in token order; experts not held here are skipped.
+    pub(crate) fn groups(&self, routing: &Routing) -> Result<(Vec<Vec<u32>>, Vec<Vec<u32>>)> {
+        let k = routing.ids.dim(1)?;
+        let ids = routing.ids.flatten_all()?.to_vec1::<u32>()?;
+        let mut tokens: Vec<Vec<u32>> = vec![Vec::new(); self.num_experts];
+        let mut slots: Vec<Vec<u32>> = vec![Vec::new(); self.num_experts];
+        for (slot, &e) in ids.iter().enumerate() {
+            let e = e as usize;
+            if e >= self.total_experts {
+                candle_core::bail!("router chose expert {e} of {}", self.total_experts)
+            }
+            let Some(local) = e.checked_sub(self.first_expert).filter(|&l| l < self.num_experts) else {
+                continue;
+            };
+            tokens[local].push((slot / k) as u32);
+            slots[local].push(slot as u32);
+        }
+        Ok((tokens, slots))
+    }
+
+    /// [`Self::forward_grouped`] on the CPU's skinny kernels in two parallel regions: the gate and
+    /// up products of every active expert in one, the down products in the other
+    /// ([`Weight::matmul_t_many`]), instead of three hand-offs to the thread pool per expert and
+    /// the tensor ops around them. Between them the values are rounded to the compute dtype
+    /// exactly where the grouped path's tensor ops round them (each product, SiLU, the gating
+    /// product, the routing-weight product and each accumulation, in ascending expert order per
+    /// token), so the output is the grouped path's, bit for bit.
+    ///
+    /// `None` (the caller takes the grouped path) unless activations and weights are on the CPU
+    /// in f32, bf16 or f16, every expert has at most [`step3_nn::cpu::MAX_ROWS`] tokens (decode
+    /// and batched decode; prefill stays on the GEMM) and the kernels are on.
+    pub fn forward_cpu(&self, xs: &Tensor, routing: &Routing) -> Result<Option<Tensor>> {
+        let round: fn(f32) -> f32 = match xs.dtype() {
+            DType::F32 => |v| v,
+            DType::BF16 => |v| half::bf16::from_f32(v).to_f32(),
+            DType::F16 => |v| half::f16::from_f32(v).to_f32(),
+            _ => return Ok(None),
+        };
+        if !xs.device().is_cpu() || !self.device.is_cpu() || !step3_nn::cpu::enabled() {
+            return Ok(None);
+        }
+        let (n, h) = xs.dims2()?;
+        let (tokens, slots) = self.groups(routing)?;
+        if tokens.iter().any(|t| t.len() > step3_nn::cpu::MAX_ROWS) {
+            return Ok(None);
+        }
+        let weights: Vec<f32> = routing.weights.flatten_all()?.to_dtype(xs.dtype())?.to_dtype(DType::F32)?.to_vec1()?;
+        let x: Vec<f32> = xs.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let active: Vec<usize> = (0..self.num_experts).filter(|&e| !tokens[e].is_empty()).collect();
+        let gather =
+            |e: usize| -> Vec<f32> { tokens[e].iter().flat_map(|&t| &x[t as usize * h..][..h]).copied().collect() };
+        let inputs: Vec<Vec<f32>> = active.iter().map(|&e| gather(e)).collect();
+        let expert = |w: &Weight| -> Result<Vec<Weight>> { active.iter().map(|&e| w.get(e)).collect() };
+        let (gate, up, down) = (expert(&self.gate_proj)?, expert(&self.up_proj)?, expert(&self.down_proj)?);
+        let mut items = Vec::with_capacity(2 * active.len());
+        for (i, &e) in active.iter().enumerate() {
+            items.push((&gate[i], inputs[i].as_slice(), tokens[e].len()));
+            items.push((&up[i], inputs[i].as_slice(), tokens[e].len()));
+        }
+        let Some(gate_up) = Weight::matmul_t_many(&items)? else {
+            return Ok(None);
+        };
+        let hidden: Vec<Vec<f32>> = gate_up
+            .par_chunks(2)
+            .map(|p| {
+                p[0].iter().zip(&p[1]).map(|(g, u)| round(round(step3_nn::silu_f32(round(*g))) * round(*u))).collect()
+            })
+            .collect();
+        let items: Vec<_> =
+            active.iter().enumerate().map(|(i, &e)| (&down[i], hidden[i].as_slice(), tokens[e].len())).collect();
+        let Some(ys) = Weight::matmul_t_many(&items)? else {
+            return Ok(None);
+        };
+        // Each token's outputs, in ascending expert order: (expert's output, its row, slot).
+        let mut parts: Vec<Vec<(usize, usize, usize)>> = vec![Vec::new(); n];
+        for (i, &e) in active.iter().enumerate() {
+            for (row, (&t, &slot)) in tokens[e].iter().zip(&slots[e]).enumerate() {
+                parts[t as usize].push((i, row, slot as usize));
+            }
+        }
+        let mut out = vec![0f32; n * h];
+        out.par_chunks_mut(h).zip(&parts).for_each(|(dst, parts)| {
+            for &(i, row, slot) in parts {
+                let w = weights[slot];
+                for (o, v) in dst.iter_mut().zip(&ys[i][row * h..][..h]) {
+                    *o = round(*o + round(round(*v) * w));
+                }
+            }
+        });
+        Tensor::from_vec(out, (n, h), xs.device())?.to_dtype(xs.dtype()).map(Some)
     }
 }

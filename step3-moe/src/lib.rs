@@ -332,6 +332,33 @@ mod tests {
         Ok(())
     }
 
+    /// The CPU kernels' path gives the grouped path's output bit for bit in every CPU compute
+    /// dtype, for batches from one token to more than an expert can take there (then it declines
+    /// and the grouped path runs).
+    #[test]
+    fn the_cpu_path_is_the_grouped_path_bit_for_bit() -> candle_core::Result<()> {
+        let (e, k, h, i, s) = (8, 3, 40, 24, 8);
+        let c = case(e, k, h, i, s, false)?;
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            let block = MoeBlock::new(&c.cfg, VarBuilder::from_tensors(c.tensors.clone(), dtype, &Device::Cpu))?;
+            for n in [1, 2, 5, 16, 60] {
+                let xs = Tensor::from_vec(det(n * h, 7 + n, 3.0), (n, h), &Device::Cpu)?.to_dtype(dtype)?;
+                let routing = block.router().route(&xs)?;
+                let cpu = block.experts().forward_cpu(&xs, &routing)?;
+                let over = block.experts().groups(&routing)?.0.iter().any(|t| t.len() > step3_nn::cpu::MAX_ROWS);
+                assert_eq!(cpu.is_none(), over, "{dtype:?} n={n}");
+                let Some(cpu) = cpu else { continue };
+                let want = block.experts().forward_grouped(&xs, &routing)?;
+                assert_eq!(cpu.dtype(), dtype);
+                let (a, b) = (cpu.to_dtype(DType::F32)?.flatten_all()?, want.to_dtype(DType::F32)?.flatten_all()?);
+                let (a, b) = (a.to_vec1::<f32>()?, b.to_vec1::<f32>()?);
+                assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "{dtype:?} n={n}");
+                assert!(a.iter().any(|v| *v != 0.0));
+            }
+        }
+        Ok(())
+    }
+
     #[test]
     fn renormalised_weights_sum_to_one() -> candle_core::Result<()> {
         let c = case(7, 3, 12, 10, 6, true)?;

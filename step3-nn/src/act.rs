@@ -16,10 +16,27 @@ pub fn silu(xs: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// SiLU of one f32 value, `v / (1 + e^-v)`: what candle's f32 kernel, and so [`silu`] (before
+/// its rounding to a half-precision dtype), computes for each element. For callers that fuse
+/// SiLU into loops of their own (the routed experts on the CPU).
+pub fn silu_f32(v: f32) -> f32 {
+    v / (1.0 + (-v).exp())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    #[test]
+    fn silu_f32_is_candles_kernel_bit_for_bit() -> Result<()> {
+        let xs: Vec<f32> = (0..4000).map(|i| (i as f32 - 2000.0) * 0.0173).chain([0.0, -0.0, 88.7, -104.0]).collect();
+        let got = silu(&Tensor::new(xs.as_slice(), &Device::Cpu)?)?.to_vec1::<f32>()?;
+        for (g, v) in got.iter().zip(&xs) {
+            assert_eq!(g.to_bits(), silu_f32(*v).to_bits(), "silu({v})");
+        }
+        Ok(())
+    }
 
     #[test]
     fn half_precision_silu_is_rounded_once() -> Result<()> {

@@ -15,7 +15,7 @@ mod linear;
 mod norm;
 mod weight;
 
-pub use act::silu;
+pub use act::{silu, silu_f32};
 pub use linear::Linear;
 pub use norm::RmsNorm;
 pub use weight::{tensor_bytes, BlockFp8, Weight, WeightFormat};

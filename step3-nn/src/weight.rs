@@ -128,34 +128,43 @@ impl Weight {
             return Ok(None);
         }
         let n = self.dims()[0];
-        let (values, scales) = match self {
-            Self::Dense(w) => (w, None),
-            Self::BlockFp8(q) => (&q.values, Some(q)),
-        };
-        let (storage, layout) = values.storage_and_layout();
-        let (Storage::Cpu(st), Some((a, b))) = (&*storage, layout.contiguous_offsets()) else {
+        let held = hold(self);
+        let Some(w) = held.slice() else {
             return Ok(None);
         };
         let x: Vec<f32> = x2.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-        let y = match (st, scales) {
-            (CpuStorage::F32(w), None) => cpu::matmul_t(&x, m, k, WeightSlice::F32(&w[a..b]), n),
-            (CpuStorage::BF16(w), None) => cpu::matmul_t(&x, m, k, WeightSlice::Bf16(&w[a..b]), n),
-            (CpuStorage::F16(w), None) => cpu::matmul_t(&x, m, k, WeightSlice::F16(&w[a..b]), n),
-            (CpuStorage::F8E4M3(v), Some(q)) => {
-                let (s_storage, s_layout) = q.scale_inv.storage_and_layout();
-                let (Storage::Cpu(CpuStorage::F32(s)), Some((sa, sb))) = (&*s_storage, s_layout.contiguous_offsets())
-                else {
-                    return Ok(None);
-                };
-                let v = &v[a..b];
-                // SAFETY: `F8E4M3` is `#[repr(transparent)]` over its `u8` bits.
-                let values = unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), v.len()) };
-                let nan_free = q.nan_free.get(values);
-                cpu::matmul_t(&x, m, k, WeightSlice::Fp8 { values, scales: &s[sa..sb], block: q.block, nan_free }, n)
+        Ok(Some(Tensor::from_vec(cpu::matmul_t(&x, m, k, w, n), (m, n), x2.device())?))
+    }
+
+    /// Several products `xᵢ · Wᵢᵀ` on the CPU kernels in one parallel region
+    /// ([`cpu::matmul_t_many`]), for `(Wᵢ, xᵢ, mᵢ)` with `xᵢ` the f32 activations `[mᵢ, in]` of the
+    /// 2-D weight `Wᵢ [out, in]`: the f32 products `[mᵢ, out]`, each [`Self::matmul_t_acc`]'s
+    /// values. `None` when one of them cannot take the kernels (a weight that is not a
+    /// contiguous CPU tensor, more than [`cpu::MAX_ROWS`] rows, `STEP3_CPU_KERNEL=off`): the
+    /// caller then multiplies one by one.
+    pub fn matmul_t_many(items: &[(&Weight, &[f32], usize)]) -> Result<Option<Vec<Vec<f32>>>> {
+        if !cpu::enabled() {
+            return Ok(None);
+        }
+        for (w, x, m) in items {
+            let dims = w.dims();
+            if dims.len() != 2 || x.len() != m * dims[1] {
+                candle_core::bail!("matmul_t_many: activations of {} values for {m} rows of a {dims:?} weight", x.len())
             }
-            _ => return Ok(None),
-        };
-        Ok(Some(Tensor::from_vec(y, (m, n), x2.device())?))
+            if *m > cpu::MAX_ROWS {
+                return Ok(None);
+            }
+        }
+        let held: Vec<_> = items.iter().map(|(w, ..)| hold(w)).collect();
+        let mut products = Vec::with_capacity(items.len());
+        for ((w, x, m), h) in items.iter().zip(&held) {
+            let Some(slice) = h.slice() else {
+                return Ok(None);
+            };
+            let (n, k) = (w.dims()[0], w.dims()[1]);
+            products.push(cpu::Product { x, m: *m, k, w: slice, n });
+        }
+        Ok(Some(cpu::matmul_t_many(&products)))
     }
 
     /// The weight as a tensor in the compute dtype (dequantised for FP8).
@@ -176,6 +185,51 @@ impl Weight {
             Self::Dense(t) => tensor_bytes(t),
             Self::BlockFp8(q) => tensor_bytes(&q.values) + tensor_bytes(&q.scale_inv),
         }
+    }
+}
+
+/// A weight's storage held for reading, to be lent to the CPU kernels as a [`WeightSlice`].
+/// (`G` is candle's storage read guard.)
+struct Held<'a, G: std::ops::Deref<Target = Storage>> {
+    values: (G, &'a Layout),
+    /// An FP8 weight's scales, and the weight.
+    fp8: Option<((G, &'a Layout), &'a BlockFp8)>,
+}
+
+/// Holds `w`'s storage (and an FP8 weight's scales) for reading.
+fn hold(w: &Weight) -> Held<'_, impl std::ops::Deref<Target = Storage> + '_> {
+    match w {
+        Weight::Dense(t) => Held { values: t.storage_and_layout(), fp8: None },
+        Weight::BlockFp8(q) => {
+            Held { values: q.values.storage_and_layout(), fp8: Some((q.scale_inv.storage_and_layout(), q)) }
+        }
+    }
+}
+
+impl<G: std::ops::Deref<Target = Storage>> Held<'_, G> {
+    /// The weight as the kernels read it: `None` unless it is a contiguous CPU tensor of a dtype
+    /// they take (with contiguous f32 scales for FP8).
+    fn slice(&self) -> Option<WeightSlice<'_>> {
+        let (Storage::Cpu(st), Some((a, b))) = (&*self.values.0, self.values.1.contiguous_offsets()) else {
+            return None;
+        };
+        Some(match (st, &self.fp8) {
+            (CpuStorage::F32(w), None) => WeightSlice::F32(&w[a..b]),
+            (CpuStorage::BF16(w), None) => WeightSlice::Bf16(&w[a..b]),
+            (CpuStorage::F16(w), None) => WeightSlice::F16(&w[a..b]),
+            (CpuStorage::F8E4M3(v), Some(((s_storage, s_layout), q))) => {
+                let (Storage::Cpu(CpuStorage::F32(s)), Some((sa, sb))) = (&**s_storage, s_layout.contiguous_offsets())
+                else {
+                    return None;
+                };
+                let v = &v[a..b];
+                // SAFETY: `F8E4M3` is `#[repr(transparent)]` over its `u8` bits.
+                let values = unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), v.len()) };
+                let nan_free = q.nan_free.get(values);
+                WeightSlice::Fp8 { values, scales: &s[sa..sb], block: q.block, nan_free }
+            }
+            _ => return None,
+        })
     }
 }
 

@@ -255,6 +255,58 @@ pub fn matmul_t_with(isa: Isa, x: &[f32], m: usize, k: usize, w: WeightSlice, n:
     y
 }
 
+/// One product `y[M, N] = x[M, K] · W[N, K]ᵀ` of [`matmul_t_many`].
+#[derive(Debug, Clone, Copy)]
+pub struct Product<'a> {
+    pub x: &'a [f32],
+    pub m: usize,
+    pub k: usize,
+    pub w: WeightSlice<'a>,
+    pub n: usize,
+}
+
+/// Several independent products (a MoE layer's experts, each on its own tokens) in one parallel
+/// region on the [`Isa::detected`] path: their output rows are cut into chunks of about a
+/// thread's share of the total work (never below 256 KiB of weight, whole products when they are
+/// small), so one hand-off to the pool covers them all and each thread streams long contiguous
+/// runs of weight. Each result is [`matmul_t`]'s, bit for bit.
+///
+/// # Panics
+/// As [`matmul_t`], for any product.
+pub fn matmul_t_many(products: &[Product]) -> Vec<Vec<f32>> {
+    let isa = Isa::detected();
+    let mut ys: Vec<Vec<f32>> = products
+        .iter()
+        .map(|p| {
+            p.w.check(p.x, p.m, p.k, p.n);
+            vec![0f32; p.m * p.n]
+        })
+        .collect();
+    let laid: Vec<Laid> = products.iter().map(|p| Laid::new(isa, p.x, p.m, p.k, &p.w)).collect();
+    let outs: Vec<Out> = ys.iter_mut().zip(products).map(|(y, p)| Out { ptr: y.as_mut_ptr(), ld: p.n }).collect();
+    let total: usize = products.iter().map(|p| p.n * p.k * p.w.bytes_per_element()).sum();
+    let share = (total / (rayon::current_num_threads() * 4)).max(SERIAL_BYTES);
+    let mut tasks = Vec::new();
+    for (i, p) in products.iter().enumerate() {
+        if p.m == 0 || p.n == 0 {
+            continue;
+        }
+        let row_bytes = (p.k * p.w.bytes_per_element()).max(1);
+        let chunk = (share / row_bytes).next_multiple_of(4).clamp(4, p.n.next_multiple_of(4));
+        tasks.extend((0..p.n).step_by(chunk).map(|r0| (i, r0, (r0 + chunk).min(p.n))));
+    }
+    let run = |&(i, r0, r1): &(usize, usize, usize)| {
+        let p = &products[i];
+        rows(isa, p.x, p.m, p.k, p.w, r0, r1, outs[i], &laid[i]);
+    };
+    if tasks.len() == 1 {
+        run(&tasks[0]);
+    } else {
+        tasks.par_iter().for_each(run);
+    }
+    ys
+}
+
 /// `y [M, N]` as the kernels write it (row `j` at `j · ld`): each call owns the columns `r0..r1`
 /// (its weight rows) of every row of `y`, so the threads write disjoint elements in place.
 #[derive(Clone, Copy)]
@@ -753,6 +805,34 @@ mod tests {
                         assert!((got - exact).abs() <= bound, "{isa:?} m={m} n={n} k={k} ({j},{c}): {got} vs {exact}");
                     }
                 }
+            }
+        }
+    }
+
+    /// Many products in one region give each product's `matmul_t` values, bit for bit: small
+    /// ones whole, large ones cut into chunks, empty ones empty.
+    #[test]
+    fn many_products_equal_each_alone() {
+        let shapes = [(3, 1024, 512), (1, 300, 7), (16, 64, 9), (2, 2048, 1030), (0, 8, 4), (5, 33, 0)];
+        let xs: Vec<Vec<f32>> =
+            shapes.iter().enumerate().map(|(i, &(m, k, _))| bf16_values(&vals(m * k, i as u64))).collect();
+        let wf: Vec<Vec<f32>> = shapes.iter().enumerate().map(|(i, &(_, k, n))| vals(n * k, 50 + i as u64)).collect();
+        let wb: Vec<Vec<half::bf16>> =
+            wf.iter().map(|w| w.iter().map(|v| half::bf16::from_f32(*v)).collect()).collect();
+        for bf16 in [false, true] {
+            let products: Vec<Product> = shapes
+                .iter()
+                .enumerate()
+                .map(|(i, &(m, k, n))| {
+                    let w = if bf16 { WeightSlice::Bf16(&wb[i]) } else { WeightSlice::F32(&wf[i]) };
+                    Product { x: &xs[i], m, k, w, n }
+                })
+                .collect();
+            let many = matmul_t_many(&products);
+            for (p, y) in products.iter().zip(&many) {
+                let one = matmul_t(p.x, p.m, p.k, p.w, p.n);
+                assert_eq!(y.len(), one.len());
+                assert!(y.iter().zip(&one).all(|(a, b)| a.to_bits() == b.to_bits()), "m={} k={} n={}", p.m, p.k, p.n);
             }
         }
     }
