@@ -4,7 +4,7 @@
 //! behave identically everywhere: [`RmsNorm`] (computed in f32, cast back, then scaled by the gain,
 //! exactly like StepFun's reference), [`silu`] (rounded once in half precision, as PyTorch does), [`Weight`] (a weight matrix or a stack of expert matrices,
 //! dense or block-FP8 with per-128×128-block scales, dequantised on use or read in place by the
-//! skinny CPU products of [`cpu`]: AVX2, NEON or scalar), and [`Linear`] (a
+//! skinny CPU products of [`cpu`]: AVX2 with AVX512-BF16 where present, NEON or scalar), and [`Linear`] (a
 //! `[out, in]` weight applied as `x · Wᵀ`). Weight formats are handled here and nowhere else. It
 //! owns no model structure, no configuration and no file handling: callers hand it a
 //! [`candle_nn::VarBuilder`] positioned at the layer and a [`WeightFormat`].
