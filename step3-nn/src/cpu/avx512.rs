@@ -1,5 +1,5 @@
-//! The AVX512-BF16 kernel: bf16 weights against activations that are bf16 values themselves
-//! (every activation of a bf16 compute dtype is), by `vdpbf16ps`.
+//! The AVX512-BF16 kernels: bf16 and block-FP8 weights against activations that are bf16 values
+//! themselves (every activation of a bf16 compute dtype is), by `vdpbf16ps`.
 //!
 //! `vdpbf16ps` multiplies sixteen pairs of bf16 values exactly (a bf16 product fits in f32) and
 //! adds both products of each pair into an f32 lane, rounding as f32 arithmetic does; it reads
@@ -9,6 +9,12 @@
 //! the K tail is read with masked loads (zeros beyond `K`), so there is no scalar tail. Each
 //! output's sequence of instructions depends only on `K`, never on `M` or on the tiling: a row's
 //! results are the same alone or in a batch.
+//!
+//! Block-FP8 weights ([`rows_fp8`]): every e4m3 value is a bf16 value (3 mantissa bits, exponents
+//! from 2^-9 to 2^8), so each 4-row tile is converted to bf16 once, exactly ([`e4m3_to_bf16`], by
+//! integer operations and a table for the subnormals), into a scratch that every group of
+//! activation rows then reads; each scale block's sum gets its own accumulators and enters the
+//! totals with one multiply-add by the block's scale, as on the other paths.
 //!
 //! The instruction reads bf16 subnormals as zero and flushes subnormal results (magnitudes below
 //! 1.2e-38): [`bf16_exact`] sends activations holding subnormals to the AVX2 path, and a
@@ -66,6 +72,137 @@ pub(super) unsafe fn rows(x: &[u16], m: usize, k: usize, w: *const u16, r0: usiz
         }
         r += if four { 4 } else { 1 };
     }
+}
+
+/// [`rows`] for a block-FP8 weight: `values [n, k]` (e4m3 bytes, no NaN code) with f32 `scales`
+/// per `block` (`block[1]` a multiple of 32).
+///
+/// # Safety
+/// As [`rows`] (AVX512VL as well), with `values` `[n, k]` and `scales`
+/// `[ceil(n / block[0]), ceil(k / block[1])]`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn rows_fp8(
+    x: &[u16],
+    m: usize,
+    k: usize,
+    values: &[u8],
+    scales: &[f32],
+    block: [usize; 2],
+    r0: usize,
+    r1: usize,
+    out: Out,
+) {
+    let cb = k.div_ceil(block[1]);
+    let srow = |r: usize| scales.as_ptr().add((r / block[0]) * cb);
+    let mut scratch = vec![0u16; 4 * k];
+    let mut r = r0;
+    while r < r1 {
+        let four = r1 - r >= 4;
+        let rows = if four { 4 } else { 1 };
+        // The tile in bf16, its next tile's rows requested alongside.
+        let next = r + 8 <= r1;
+        for i in 0..rows {
+            let src = values.as_ptr().add((r + i) * k);
+            let dst = scratch.as_mut_ptr().add(i * k);
+            let mut c = 0;
+            while c < k {
+                if next && c % 64 == 0 {
+                    _mm_prefetch::<_MM_HINT_T0>(src.wrapping_add(4 * k + c).cast());
+                }
+                let mask = if k - c >= 32 { !0 } else { (1u32 << (k - c)) - 1 };
+                _mm512_mask_storeu_epi16(dst.add(c).cast(), mask, e4m3_to_bf16(src.add(c), mask));
+                c += 32;
+            }
+        }
+        let w = scratch.as_ptr();
+        let mut j = 0;
+        while j < m {
+            let xp = x.as_ptr().add(j * k);
+            let xr = (m - j).min(3);
+            if four {
+                let s = [srow(r), srow(r + 1), srow(r + 2), srow(r + 3)];
+                match xr {
+                    3 => store(&fp8_tile::<4, 3>(xp, k, w, s, block[1]), out, r, j),
+                    2 => store(&fp8_tile::<4, 2>(xp, k, w, s, block[1]), out, r, j),
+                    _ => store(&fp8_tile::<4, 1>(xp, k, w, s, block[1]), out, r, j),
+                }
+            } else {
+                let s = [srow(r)];
+                match xr {
+                    3 => store(&fp8_tile::<1, 3>(xp, k, w, s, block[1]), out, r, j),
+                    2 => store(&fp8_tile::<1, 2>(xp, k, w, s, block[1]), out, r, j),
+                    _ => store(&fp8_tile::<1, 1>(xp, k, w, s, block[1]), out, r, j),
+                }
+            }
+            j += xr;
+        }
+        r += rows;
+    }
+}
+
+/// Thirty-two e4m3 bytes at `p` (those outside `mask` read as zero) as the bf16 bits of the same
+/// values: a normal code's exponent and mantissa fields shifted into place and rebiased (+120),
+/// a subnormal's (`m · 2^-9`, `m < 8`) from a table, the sign moved to bit 15.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+#[inline]
+unsafe fn e4m3_to_bf16(p: *const u8, mask: __mmask32) -> __m512i {
+    const SUBNORMAL: [u16; 32] = {
+        let mut t = [0u16; 32];
+        let v = [0, 0x3B00, 0x3B80, 0x3BC0, 0x3C00, 0x3C20, 0x3C40, 0x3C60];
+        let mut i = 0;
+        while i < 8 {
+            t[i] = v[i];
+            i += 1;
+        }
+        t
+    };
+    let b = _mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8(mask, p.cast()));
+    let mag = _mm512_and_si512(b, _mm512_set1_epi16(0x7F));
+    let normal = _mm512_add_epi16(_mm512_slli_epi16::<4>(mag), _mm512_set1_epi16(0x3C00));
+    let sub = _mm512_permutexvar_epi16(mag, _mm512_loadu_si512(SUBNORMAL.as_ptr().cast()));
+    let bits = _mm512_mask_blend_epi16(_mm512_cmplt_epu16_mask(mag, _mm512_set1_epi16(8)), normal, sub);
+    _mm512_or_si512(bits, _mm512_slli_epi16::<8>(_mm512_and_si512(b, _mm512_set1_epi16(0x80))))
+}
+
+/// `R` bf16 weight rows from `w` (row stride `k`, converted from e4m3) against `X` activation
+/// rows from `x`: per scale block of width `bw` (a multiple of 32), the block's sums in their own
+/// accumulators, then `total = fma(block_sum, scale, total)`.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+#[inline]
+unsafe fn fp8_tile<const R: usize, const X: usize>(
+    x: *const u16,
+    k: usize,
+    w: *const u16,
+    scale_rows: [*const f32; R],
+    bw: usize,
+) -> [[f32; X]; R] {
+    let mut tot = [[_mm512_setzero_ps(); X]; R];
+    let mut c = 0;
+    let mut b = 0;
+    while c < k {
+        let end = (c + bw).min(k);
+        let mut acc = [[_mm512_setzero_ps(); X]; R];
+        while c < end {
+            let mask = if end - c >= 32 { !0 } else { (1u32 << (end - c)) - 1 };
+            step(&mut acc, x, k, w, c, mask);
+            c += 32;
+        }
+        for i in 0..R {
+            let s = _mm512_set1_ps(*scale_rows[i].add(b));
+            for j in 0..X {
+                tot[i][j] = _mm512_fmadd_ps(acc[i][j], s, tot[i][j]);
+            }
+        }
+        b += 1;
+    }
+    let mut out = [[0f32; X]; R];
+    for (o, t) in out.iter_mut().zip(&tot) {
+        for (o, t) in o.iter_mut().zip(t) {
+            *o = _mm512_reduce_add_ps(*t);
+        }
+    }
+    out
 }
 
 /// Writes a finished `R × X` tile (weight rows `row + i`, activation rows `j0 + j`) into `out`.

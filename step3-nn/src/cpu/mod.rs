@@ -115,9 +115,9 @@ pub enum Isa {
     Scalar,
     /// x86-64 AVX2 + FMA + F16C.
     Avx2,
-    /// x86-64 AVX2 + FMA + F16C with AVX512F, AVX512BW and AVX512-BF16: bf16 weights against
-    /// activations that are bf16 values (a bf16 compute dtype's) by `vdpbf16ps`; every other
-    /// product as [`Isa::Avx2`].
+    /// x86-64 AVX2 + FMA + F16C with AVX512F, BW, VL and AVX512-BF16: bf16 and block-FP8 weights
+    /// (scale blocks a multiple of 32 wide) against activations that are bf16 values (a bf16
+    /// compute dtype's) by `vdpbf16ps`; every other product as [`Isa::Avx2`].
     Avx512Bf16,
     /// aarch64 NEON (Advanced SIMD).
     Neon,
@@ -146,7 +146,7 @@ pub fn describe() -> String {
         (false, _) => "off (candle GEMM)".into(),
         (true, Isa::Scalar) => "scalar".into(),
         (true, Isa::Avx2) => "avx2+fma+f16c".into(),
-        (true, Isa::Avx512Bf16) => "avx512-bf16 (bf16 weights), avx2+fma+f16c".into(),
+        (true, Isa::Avx512Bf16) => "avx512-bf16 (bf16 and FP8 weights), avx2+fma+f16c".into(),
         (true, Isa::Neon) => "neon".into(),
     }
 }
@@ -173,6 +173,7 @@ impl Isa {
             v.push(Isa::Avx2);
             if std::arch::is_x86_feature_detected!("avx512f")
                 && std::arch::is_x86_feature_detected!("avx512bw")
+                && std::arch::is_x86_feature_detected!("avx512vl")
                 && std::arch::is_x86_feature_detected!("avx512bf16")
             {
                 v.push(Isa::Avx512Bf16);
@@ -391,7 +392,8 @@ enum Laid {
     None,
     #[cfg(target_arch = "x86_64")]
     Avx2(avx2::Layout),
-    /// The activations in bf16, exactly (see [`avx512::bf16_exact`]), against a bf16 weight.
+    /// The activations in bf16, exactly (see [`avx512::bf16_exact`]), against a bf16 weight or
+    /// a block-FP8 one that [`avx512_fp8`] accepts.
     #[cfg(target_arch = "x86_64")]
     Bf16(Vec<u16>),
 }
@@ -399,7 +401,7 @@ enum Laid {
 impl Laid {
     fn new(isa: Isa, x: &[f32], m: usize, k: usize, w: &WeightSlice) -> Self {
         #[cfg(target_arch = "x86_64")]
-        if isa == Isa::Avx512Bf16 && matches!(w, WeightSlice::Bf16(_)) && avx512::bf16_exact(x) {
+        if isa == Isa::Avx512Bf16 && (matches!(w, WeightSlice::Bf16(_)) || avx512_fp8(w)) && avx512::bf16_exact(x) {
             return Self::Bf16(avx512::to_bf16(x));
         }
         #[cfg(target_arch = "x86_64")]
@@ -413,14 +415,33 @@ impl Laid {
     }
 }
 
+/// Whether the AVX512-BF16 path takes this block-FP8 weight: no NaN code, finite scales, and
+/// scale blocks a multiple of 32 values wide (each `vdpbf16ps` step within one block).
+#[cfg(target_arch = "x86_64")]
+fn avx512_fp8(w: &WeightSlice) -> bool {
+    match w {
+        WeightSlice::Fp8 { block, scales, nan_free, .. } => {
+            *nan_free && block[1] % 32 == 0 && scales.iter().all(|s| s.is_finite())
+        }
+        _ => false,
+    }
+}
+
 /// Output columns (weight rows) `r0..r1` of every row of `out`.
 #[allow(clippy::too_many_arguments)]
 fn rows(isa: Isa, x: &[f32], m: usize, k: usize, w: WeightSlice, r0: usize, r1: usize, out: Out, laid: &Laid) {
     #[cfg(target_arch = "x86_64")]
-    if let (Laid::Bf16(xb), WeightSlice::Bf16(wb)) = (laid, w) {
+    if let Laid::Bf16(xb) = laid {
         // SAFETY: `Laid::Bf16` is only made on the AVX512-BF16 path (`Isa::available`), from `x`
-        // (`[m, k]`) against this bf16 weight, whose length `matmul_t_with` checked.
-        unsafe { avx512::rows(xb, m, k, wb.as_ptr().cast(), r0, r1, out) };
+        // (`[m, k]`) against this weight (bf16, or FP8 that `avx512_fp8` accepts), whose length
+        // and scales `matmul_t_with` checked.
+        match w {
+            WeightSlice::Bf16(wb) => unsafe { avx512::rows(xb, m, k, wb.as_ptr().cast(), r0, r1, out) },
+            WeightSlice::Fp8 { values, scales, block, .. } => unsafe {
+                avx512::rows_fp8(xb, m, k, values, scales, block, r0, r1, out)
+            },
+            _ => unreachable!("Laid::Bf16 is made for bf16 and FP8 weights only"),
+        }
         return;
     }
     #[cfg(target_arch = "x86_64")]
@@ -632,7 +653,9 @@ mod tests {
                 .collect();
             let sn = n.div_ceil(block[0]) * k.div_ceil(block[1]);
             let scales: Vec<f32> = vals(sn, 70 + seed as u64).iter().map(|v| (v.abs() + 0.1) / 448.0).collect();
-            check(&x, m, k, WeightSlice::Fp8 { values: &values, scales: &scales, block, nan_free: true }, n);
+            for x in [x.clone(), bf16_values(&x)] {
+                check(&x, m, k, WeightSlice::Fp8 { values: &values, scales: &scales, block, nan_free: true }, n);
+            }
         }
     }
 
@@ -642,7 +665,15 @@ mod tests {
     /// codes is found out ([`fp8_nan_free`]) and keeps them NaN on the scalar loop.
     #[test]
     fn all_256_fp8_codes_decode_exactly() {
-        let (k, n) = (16, 256);
+        // Blocks 16 wide (the AVX2 path) and 32 wide (also the AVX512-BF16 one, whose
+        // activations here, ones and zeros, are bf16 values).
+        for bw in [16, 32] {
+            all_codes_decode_exactly(bw);
+        }
+    }
+
+    fn all_codes_decode_exactly(bw: usize) {
+        let (k, n) = (bw, 256);
         let mut values = vec![0u8; n * k];
         for code in 0..256 {
             values[code * k + 5] = code as u8;
@@ -655,10 +686,10 @@ mod tests {
             x[j * k + 5] = 1.0;
         }
         for scale in [0.5f32, 0.013_671_877, -3.3e-3] {
-            let scales = vec![scale; n.div_ceil(128) * k.div_ceil(16)];
+            let scales = vec![scale; n.div_ceil(128) * k.div_ceil(bw)];
             for (values, nan_free) in [(&finite, true), (&values, false)] {
                 for (isa, m) in Isa::available().into_iter().flat_map(|isa| [(isa, 1), (isa, 3)]) {
-                    let w = WeightSlice::Fp8 { values, scales: &scales, block: [128, 16], nan_free };
+                    let w = WeightSlice::Fp8 { values, scales: &scales, block: [128, bw], nan_free };
                     let y = matmul_t_with(isa, &x[..m * k], m, k, w, n);
                     for (i, &got) in y.iter().enumerate() {
                         let code = values[(i % n) * k + 5];
@@ -697,7 +728,9 @@ mod tests {
             if big {
                 scales[0] = 1e31;
             }
-            check(&x, m, k, WeightSlice::Fp8 { values: &values, scales: &scales, block, nan_free: true }, n);
+            for x in [x.clone(), bf16_values(&x)] {
+                check(&x, m, k, WeightSlice::Fp8 { values: &values, scales: &scales, block, nan_free: true }, n);
+            }
             values[2 * k + k / 2] = 0xFF;
             let w = WeightSlice::Fp8 { values: &values, scales: &scales, block, nan_free: fp8_nan_free(&values) };
             for isa in Isa::available() {
