@@ -43,7 +43,7 @@ pub struct PreprocessArgs {
 /// that the ViT can take the size at all. `source` names where the size came from (the flag, or
 /// the checkpoint) so the error can point at it.
 fn tokens(size: usize, patch: usize, stride: usize, source: &str) -> Result<usize> {
-    if size == 0 || size % patch != 0 || size / patch < 2 {
+    if size == 0 || !size.is_multiple_of(patch) || size / patch < 2 {
         bail!(
             "{source} {size} is not usable: the side must be a positive multiple of the ViT patch size {patch}, \
              at least {} pixels (Step3 uses 728 for the global view and 504 for crops)",

@@ -164,7 +164,7 @@ impl TextConfig {
                 format!("must be 1 (MFA has a single K/V head), found {}", self.num_attention_groups),
             ));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return Err(Error::key(
                 path,
                 key("head_dim"),
@@ -324,7 +324,7 @@ pub fn tokens_per_view(size: usize, patch_size: usize, projector_stride: usize) 
 
 /// The one rule for view sizes: a positive multiple of `patch_size`, at least two patches.
 pub(crate) fn check_view_size(size: usize, patch_size: usize) -> std::result::Result<(), String> {
-    if patch_size == 0 || size % patch_size != 0 || size / patch_size < 2 {
+    if patch_size == 0 || !size.is_multiple_of(patch_size) || size / patch_size < 2 {
         Err(format!(
             "must be a multiple of the vision patch size {patch_size} and at least {} pixels (two patches), found {size}",
             2 * patch_size
@@ -370,7 +370,7 @@ impl RawVision {
                 ("image_size", self.image_size),
             ],
         )?;
-        if self.hidden_size % self.num_attention_heads != 0 {
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(Error::key(
                 path,
                 key("num_attention_heads"),

@@ -82,7 +82,7 @@ impl Layout {
 
     /// Checks that `parts` divides `size` (`what` names the quantity, `flag` the option).
     pub fn check_divides(what: &str, size: usize, flag: &'static str, parts: usize) -> Result<(), LayoutError> {
-        if parts == 0 || size % parts != 0 {
+        if parts == 0 || !size.is_multiple_of(parts) {
             return Err(LayoutError::NotDivisible { what: what.to_string(), size, flag, parts });
         }
         Ok(())

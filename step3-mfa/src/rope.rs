@@ -15,7 +15,7 @@ pub struct RotaryEmbedding {
 
 impl RotaryEmbedding {
     pub fn new(theta: f64, head_dim: usize, device: &Device) -> Result<Self> {
-        if head_dim == 0 || head_dim % 2 != 0 {
+        if head_dim == 0 || !head_dim.is_multiple_of(2) {
             candle_core::bail!("rotary embedding needs an even head_dim, got {head_dim}")
         }
         let theta = theta as f32;

@@ -31,6 +31,14 @@ pub struct StackedExperts {
     device: Device,
 }
 
+/// The tokens of a batch routed to each expert held (by local index), both lists in token order.
+pub(crate) struct Groups {
+    /// The tokens routed to the expert.
+    pub tokens: Vec<Vec<u32>>,
+    /// Their routing slots (`token · k + j`).
+    pub slots: Vec<Vec<u32>>,
+}
+
 /// Which part of a layer's routed experts a rank holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ExpertSlice {
@@ -194,7 +202,7 @@ impl StackedExperts {
     /// not held here are skipped.
     pub fn forward_grouped(&self, xs: &Tensor, routing: &Routing) -> Result<Tensor> {
         let (n, h) = xs.dims2()?;
-        let (tokens, slots) = self.groups(routing)?;
+        let Groups { tokens, slots } = self.groups(routing)?;
         let weights = routing.weights.flatten_all()?.to_dtype(xs.dtype())?;
         let dev = xs.device();
         let mut outputs = Vec::new();
@@ -217,9 +225,9 @@ impl StackedExperts {
         out.index_add(&rows, &Tensor::cat(&outputs, 0)?, 0)
     }
 
-    /// The tokens routed to each expert held here (local index), and their routing slots
-    /// (`token · k + j`), both in token order; experts not held here are skipped.
-    pub(crate) fn groups(&self, routing: &Routing) -> Result<(Vec<Vec<u32>>, Vec<Vec<u32>>)> {
+    /// The tokens routed to each expert held here, and their routing slots; experts not held
+    /// here are skipped.
+    pub(crate) fn groups(&self, routing: &Routing) -> Result<Groups> {
         let k = routing.ids.dim(1)?;
         let ids = routing.ids.flatten_all()?.to_vec1::<u32>()?;
         let mut tokens: Vec<Vec<u32>> = vec![Vec::new(); self.num_experts];
@@ -235,7 +243,7 @@ impl StackedExperts {
             tokens[local].push((slot / k) as u32);
             slots[local].push(slot as u32);
         }
-        Ok((tokens, slots))
+        Ok(Groups { tokens, slots })
     }
 
     /// [`Self::forward_grouped`] on the CPU's skinny kernels in two parallel regions: the gate and
@@ -260,7 +268,7 @@ impl StackedExperts {
             return Ok(None);
         }
         let (n, h) = xs.dims2()?;
-        let (tokens, slots) = self.groups(routing)?;
+        let Groups { tokens, slots } = self.groups(routing)?;
         if tokens.iter().any(|t| t.len() > step3_nn::cpu::MAX_ROWS) {
             return Ok(None);
         }

@@ -345,7 +345,7 @@ mod tests {
                 let xs = Tensor::from_vec(det(n * h, 7 + n, 3.0), (n, h), &Device::Cpu)?.to_dtype(dtype)?;
                 let routing = block.router().route(&xs)?;
                 let cpu = block.experts().forward_cpu(&xs, &routing)?;
-                let over = block.experts().groups(&routing)?.0.iter().any(|t| t.len() > step3_nn::cpu::MAX_ROWS);
+                let over = block.experts().groups(&routing)?.tokens.iter().any(|t| t.len() > step3_nn::cpu::MAX_ROWS);
                 assert_eq!(cpu.is_none(), over, "{dtype:?} n={n}");
                 let Some(cpu) = cpu else { continue };
                 let want = block.experts().forward_grouped(&xs, &routing)?;
