@@ -95,6 +95,32 @@ pub(super) unsafe fn rows_fp8(
 ) {
     let cb = k.div_ceil(block[1]);
     let srow = |r: usize| scales.as_ptr().add((r / block[0]) * cb);
+    if m <= 3 {
+        // One pass per tile: converted in registers as the products need them.
+        let mut r = r0;
+        while r < r1 {
+            let wp = values.as_ptr().add(r * k);
+            let pf = r + 8 <= r1;
+            if r1 - r >= 4 {
+                let s = [srow(r), srow(r + 1), srow(r + 2), srow(r + 3)];
+                match m {
+                    3 => store(&fp8_tile::<4, 3, true>(x.as_ptr(), k, wp.cast(), s, block[1], pf), out, r, 0),
+                    2 => store(&fp8_tile::<4, 2, true>(x.as_ptr(), k, wp.cast(), s, block[1], pf), out, r, 0),
+                    _ => store(&fp8_tile::<4, 1, true>(x.as_ptr(), k, wp.cast(), s, block[1], pf), out, r, 0),
+                }
+                r += 4;
+            } else {
+                let s = [srow(r)];
+                match m {
+                    3 => store(&fp8_tile::<1, 3, true>(x.as_ptr(), k, wp.cast(), s, block[1], false), out, r, 0),
+                    2 => store(&fp8_tile::<1, 2, true>(x.as_ptr(), k, wp.cast(), s, block[1], false), out, r, 0),
+                    _ => store(&fp8_tile::<1, 1, true>(x.as_ptr(), k, wp.cast(), s, block[1], false), out, r, 0),
+                }
+                r += 1;
+            }
+        }
+        return;
+    }
     let mut scratch = vec![0u16; 4 * k];
     let mut r = r0;
     while r < r1 {
@@ -123,16 +149,16 @@ pub(super) unsafe fn rows_fp8(
             if four {
                 let s = [srow(r), srow(r + 1), srow(r + 2), srow(r + 3)];
                 match xr {
-                    3 => store(&fp8_tile::<4, 3>(xp, k, w, s, block[1]), out, r, j),
-                    2 => store(&fp8_tile::<4, 2>(xp, k, w, s, block[1]), out, r, j),
-                    _ => store(&fp8_tile::<4, 1>(xp, k, w, s, block[1]), out, r, j),
+                    3 => store(&fp8_tile::<4, 3, false>(xp, k, w.cast(), s, block[1], false), out, r, j),
+                    2 => store(&fp8_tile::<4, 2, false>(xp, k, w.cast(), s, block[1], false), out, r, j),
+                    _ => store(&fp8_tile::<4, 1, false>(xp, k, w.cast(), s, block[1], false), out, r, j),
                 }
             } else {
                 let s = [srow(r)];
                 match xr {
-                    3 => store(&fp8_tile::<1, 3>(xp, k, w, s, block[1]), out, r, j),
-                    2 => store(&fp8_tile::<1, 2>(xp, k, w, s, block[1]), out, r, j),
-                    _ => store(&fp8_tile::<1, 1>(xp, k, w, s, block[1]), out, r, j),
+                    3 => store(&fp8_tile::<1, 3, false>(xp, k, w.cast(), s, block[1], false), out, r, j),
+                    2 => store(&fp8_tile::<1, 2, false>(xp, k, w.cast(), s, block[1], false), out, r, j),
+                    _ => store(&fp8_tile::<1, 1, false>(xp, k, w.cast(), s, block[1], false), out, r, j),
                 }
             }
             j += xr;
@@ -165,17 +191,20 @@ unsafe fn e4m3_to_bf16(p: *const u8, mask: __mmask32) -> __m512i {
     _mm512_or_si512(bits, _mm512_slli_epi16::<8>(_mm512_and_si512(b, _mm512_set1_epi16(0x80))))
 }
 
-/// `R` bf16 weight rows from `w` (row stride `k`, converted from e4m3) against `X` activation
-/// rows from `x`: per scale block of width `bw` (a multiple of 32), the block's sums in their own
-/// accumulators, then `total = fma(block_sum, scale, total)`.
-#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+/// `R` weight rows from `w` (row stride `k`: e4m3 bytes converted here when `E4M3`, else their
+/// bf16 conversions from the scratch) against `X` activation rows from `x`: per scale block of
+/// width `bw` (a multiple of 32), the block's sums in their own accumulators, then
+/// `total = fma(block_sum, scale, total)`. The arithmetic is the same either way. With
+/// `prefetch`, the `R` rows after these are requested alongside.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
 #[inline]
-unsafe fn fp8_tile<const R: usize, const X: usize>(
+unsafe fn fp8_tile<const R: usize, const X: usize, const E4M3: bool>(
     x: *const u16,
     k: usize,
-    w: *const u16,
+    w: *const u8,
     scale_rows: [*const f32; R],
     bw: usize,
+    prefetch: bool,
 ) -> [[f32; X]; R] {
     let mut tot = [[_mm512_setzero_ps(); X]; R];
     let mut c = 0;
@@ -185,7 +214,25 @@ unsafe fn fp8_tile<const R: usize, const X: usize>(
         let mut acc = [[_mm512_setzero_ps(); X]; R];
         while c < end {
             let mask = if end - c >= 32 { !0 } else { (1u32 << (end - c)) - 1 };
-            step(&mut acc, x, k, w, c, mask);
+            if E4M3 {
+                if prefetch && c % 64 == 0 {
+                    for i in 0..R {
+                        _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add((R + i) * k + c).cast());
+                    }
+                }
+                let mut xv = [_mm512_setzero_si512(); X];
+                for (j, v) in xv.iter_mut().enumerate() {
+                    *v = _mm512_maskz_loadu_epi16(mask, x.add(j * k + c).cast());
+                }
+                for (i, a) in acc.iter_mut().enumerate() {
+                    let wv = as_bh(e4m3_to_bf16(w.add(i * k + c), mask));
+                    for (a, xv) in a.iter_mut().zip(&xv) {
+                        *a = _mm512_dpbf16_ps(*a, as_bh(*xv), wv);
+                    }
+                }
+            } else {
+                step(&mut acc, x, k, w.cast(), c, mask);
+            }
             c += 32;
         }
         for i in 0..R {
