@@ -12,7 +12,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{e4m3_table, Out, WeightSlice};
+use super::{e4m3_table, store, Out, WeightSlice};
 
 /// # Safety
 /// AVX2 and FMA must be available (and F16C for f16 weights and FP8 weights); `x` is `[m, k]`, the weight
@@ -106,19 +106,6 @@ fn bf16_to_f32(v: u16) -> f32 {
 
 fn f16_to_f32(v: u16) -> f32 {
     half::f16::from_bits(v).to_f32()
-}
-
-/// Writes a finished `R × X` tile (weight rows `row + i`, activation rows `j0 + j`) into `out`.
-///
-/// # Safety
-/// The rows are in the caller's chunk and `j0 + X <= m`.
-#[inline(always)]
-unsafe fn store<const R: usize, const X: usize>(t: &[[f32; X]; R], out: Out, row: usize, j0: usize) {
-    for (i, ti) in t.iter().enumerate() {
-        for (j, v) in ti.iter().enumerate() {
-            out.set(j0 + j, row + i, *v);
-        }
-    }
 }
 
 macro_rules! dense_kernel {

@@ -22,7 +22,7 @@
 
 use std::arch::x86_64::*;
 
-use super::Out;
+use super::{store, Out};
 
 /// Whether every value of `x` is a bf16 value that is zero, normal, infinite or NaN (f32 bits
 /// whose low 16 are zero, not subnormal): then [`to_bf16`] is exact and the bf16 products are
@@ -95,75 +95,71 @@ pub(super) unsafe fn rows_fp8(
 ) {
     let cb = k.div_ceil(block[1]);
     let srow = |r: usize| scales.as_ptr().add((r / block[0]) * cb);
-    if m <= 3 {
-        // One pass per tile: converted in registers as the products need them.
-        let mut r = r0;
-        while r < r1 {
-            let wp = values.as_ptr().add(r * k);
-            let pf = r + 8 <= r1;
-            if r1 - r >= 4 {
-                let s = [srow(r), srow(r + 1), srow(r + 2), srow(r + 3)];
-                match m {
-                    3 => store(&fp8_tile::<4, 3, true>(x.as_ptr(), k, wp.cast(), s, block[1], pf), out, r, 0),
-                    2 => store(&fp8_tile::<4, 2, true>(x.as_ptr(), k, wp.cast(), s, block[1], pf), out, r, 0),
-                    _ => store(&fp8_tile::<4, 1, true>(x.as_ptr(), k, wp.cast(), s, block[1], pf), out, r, 0),
-                }
-                r += 4;
-            } else {
-                let s = [srow(r)];
-                match m {
-                    3 => store(&fp8_tile::<1, 3, true>(x.as_ptr(), k, wp.cast(), s, block[1], false), out, r, 0),
-                    2 => store(&fp8_tile::<1, 2, true>(x.as_ptr(), k, wp.cast(), s, block[1], false), out, r, 0),
-                    _ => store(&fp8_tile::<1, 1, true>(x.as_ptr(), k, wp.cast(), s, block[1], false), out, r, 0),
-                }
-                r += 1;
-            }
-        }
-        return;
-    }
-    let mut scratch = vec![0u16; 4 * k];
+    // With at most three activation rows (one pass per tile) the values are converted in
+    // registers as the products need them; with more, each tile once, into a scratch.
+    let fused = m <= 3;
+    let mut scratch = if fused { Vec::new() } else { vec![0u16; 4 * k] };
+    let bw = block[1];
     let mut r = r0;
     while r < r1 {
         let four = r1 - r >= 4;
         let rows = if four { 4 } else { 1 };
-        // The tile in bf16, its next tile's rows requested alongside.
-        let next = r + 8 <= r1;
-        for i in 0..rows {
-            let src = values.as_ptr().add((r + i) * k);
-            let dst = scratch.as_mut_ptr().add(i * k);
-            let mut c = 0;
-            while c < k {
-                if next && c % 64 == 0 {
-                    _mm_prefetch::<_MM_HINT_T0>(src.wrapping_add(4 * k + c).cast());
-                }
-                let mask = if k - c >= 32 { !0 } else { (1u32 << (k - c)) - 1 };
-                _mm512_mask_storeu_epi16(dst.add(c).cast(), mask, e4m3_to_bf16(src.add(c), mask));
-                c += 32;
-            }
-        }
-        let w = scratch.as_ptr();
-        let mut j = 0;
-        while j < m {
-            let xp = x.as_ptr().add(j * k);
-            let xr = (m - j).min(3);
-            if four {
-                let s = [srow(r), srow(r + 1), srow(r + 2), srow(r + 3)];
-                match xr {
-                    3 => store(&fp8_tile::<4, 3, false>(xp, k, w.cast(), s, block[1], false), out, r, j),
-                    2 => store(&fp8_tile::<4, 2, false>(xp, k, w.cast(), s, block[1], false), out, r, j),
-                    _ => store(&fp8_tile::<4, 1, false>(xp, k, w.cast(), s, block[1], false), out, r, j),
-                }
-            } else {
-                let s = [srow(r)];
-                match xr {
-                    3 => store(&fp8_tile::<1, 3, false>(xp, k, w.cast(), s, block[1], false), out, r, j),
-                    2 => store(&fp8_tile::<1, 2, false>(xp, k, w.cast(), s, block[1], false), out, r, j),
-                    _ => store(&fp8_tile::<1, 1, false>(xp, k, w.cast(), s, block[1], false), out, r, j),
+        // The next tile's rows are requested alongside the conversion (or the one pass).
+        let next = four && r + 8 <= r1;
+        let w = if fused {
+            values.as_ptr().add(r * k)
+        } else {
+            for i in 0..rows {
+                let src = values.as_ptr().add((r + i) * k);
+                let dst = scratch.as_mut_ptr().add(i * k);
+                let mut c = 0;
+                while c < k {
+                    if next && c % 64 == 0 {
+                        _mm_prefetch::<_MM_HINT_T0>(src.wrapping_add(4 * k + c).cast());
+                    }
+                    let mask = if k - c >= 32 { !0 } else { (1u32 << (k - c)) - 1 };
+                    _mm512_mask_storeu_epi16(dst.add(c).cast(), mask, e4m3_to_bf16(src.add(c), mask));
+                    c += 32;
                 }
             }
-            j += xr;
+            scratch.as_ptr().cast::<u8>()
+        };
+        let s4 = || [srow(r), srow(r + 1), srow(r + 2), srow(r + 3)];
+        match (four, fused) {
+            (true, true) => fp8_tiles::<4, true>(x, m, k, w, s4(), bw, next, out, r),
+            (true, false) => fp8_tiles::<4, false>(x, m, k, w, s4(), bw, false, out, r),
+            (false, true) => fp8_tiles::<1, true>(x, m, k, w, [srow(r)], bw, false, out, r),
+            (false, false) => fp8_tiles::<1, false>(x, m, k, w, [srow(r)], bw, false, out, r),
         }
         r += rows;
+    }
+}
+
+/// The `R` weight rows at `r` (`w`, row stride `k`: their e4m3 bytes when `E4M3`, else their bf16
+/// conversions) against every activation row, three at a time, into `out`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn fp8_tiles<const R: usize, const E4M3: bool>(
+    x: &[u16],
+    m: usize,
+    k: usize,
+    w: *const u8,
+    scale_rows: [*const f32; R],
+    bw: usize,
+    prefetch: bool,
+    out: Out,
+    r: usize,
+) {
+    let mut j = 0;
+    while j < m {
+        let xp = x.as_ptr().add(j * k);
+        let xr = (m - j).min(3);
+        match xr {
+            3 => store(&fp8_tile::<R, 3, E4M3>(xp, k, w, scale_rows, bw, prefetch), out, r, j),
+            2 => store(&fp8_tile::<R, 2, E4M3>(xp, k, w, scale_rows, bw, prefetch), out, r, j),
+            _ => store(&fp8_tile::<R, 1, E4M3>(xp, k, w, scale_rows, bw, prefetch), out, r, j),
+        }
+        j += xr;
     }
 }
 
@@ -250,19 +246,6 @@ unsafe fn fp8_tile<const R: usize, const X: usize, const E4M3: bool>(
         }
     }
     out
-}
-
-/// Writes a finished `R × X` tile (weight rows `row + i`, activation rows `j0 + j`) into `out`.
-///
-/// # Safety
-/// The rows are in the caller's chunk and `j0 + X <= m`.
-#[inline(always)]
-unsafe fn store<const R: usize, const X: usize>(t: &[[f32; X]; R], out: Out, row: usize, j0: usize) {
-    for (i, ti) in t.iter().enumerate() {
-        for (j, v) in ti.iter().enumerate() {
-            out.set(j0 + j, row + i, *v);
-        }
-    }
 }
 
 /// `R` weight rows from `w` against `X` activation rows from `x` (both row stride `k`), 32

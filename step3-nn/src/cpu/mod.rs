@@ -230,30 +230,7 @@ pub fn matmul_t(x: &[f32], m: usize, k: usize, w: WeightSlice, n: usize) -> Vec<
 /// If the slices' lengths do not match `m`, `k`, `n` (callers check shapes first), or `isa` is
 /// a path this machine does not have.
 pub fn matmul_t_with(isa: Isa, x: &[f32], m: usize, k: usize, w: WeightSlice, n: usize) -> Vec<f32> {
-    w.check(x, m, k, n);
-    assert!(isa == Isa::Scalar || Isa::available().contains(&isa), "{isa:?} is not available here");
-    if m == 0 || n == 0 {
-        return Vec::new();
-    }
-    let threads = rayon::current_num_threads();
-    let bytes = n * k * w.bytes_per_element();
-    // Contiguous chunks of output rows, a few per thread so that a slow thread is evened out,
-    // multiples of 4 rows (the AVX2 tile).
-    let chunk = if threads <= 1 || bytes <= SERIAL_BYTES { n } else { n.div_ceil(threads * 4).next_multiple_of(4) };
-    let mut y = vec![0f32; m * n];
-    let out = Out { ptr: y.as_mut_ptr(), ld: n };
-    let laid = Laid::new(isa, x, m, k, &w);
-    let run = |ci: usize| {
-        let r0 = ci * chunk;
-        rows(isa, x, m, k, w, r0, (r0 + chunk).min(n), out, &laid);
-    };
-    let chunks = n.div_ceil(chunk);
-    if chunks == 1 {
-        run(0);
-    } else {
-        (0..chunks).into_par_iter().for_each(run);
-    }
-    y
+    products_with(isa, &[Product { x, m, k, w, n }]).pop().unwrap_or_default()
 }
 
 /// One product `y[M, N] = x[M, K] · W[N, K]ᵀ` of [`matmul_t_many`].
@@ -268,14 +245,22 @@ pub struct Product<'a> {
 
 /// Several independent products (a MoE layer's experts, each on its own tokens) in one parallel
 /// region on the [`Isa::detected`] path: their output rows are cut into chunks of about a
-/// thread's share of the total work (never below 256 KiB of weight, whole products when they are
-/// small), so one hand-off to the pool covers them all and each thread streams long contiguous
-/// runs of weight. Each result is [`matmul_t`]'s, bit for bit.
+/// quarter of a thread's share of the total work (whole products when they are smaller, or hold
+/// at most 256 KiB of weight), so one hand-off to the pool covers them all and each thread
+/// streams long contiguous runs of weight. Each result is [`matmul_t`]'s, bit for bit.
 ///
 /// # Panics
 /// As [`matmul_t`], for any product.
 pub fn matmul_t_many(products: &[Product]) -> Vec<Vec<f32>> {
-    let isa = Isa::detected();
+    products_with(Isa::detected(), products)
+}
+
+/// [`matmul_t_many`] on a chosen path (and [`matmul_t_with`], one product): contiguous chunks of
+/// output rows, multiples of 4 (the tiles' height), a few per thread so that a slow thread is
+/// evened out; a product of at most [`SERIAL_BYTES`] of weight, or every product on one thread,
+/// is one chunk.
+fn products_with(isa: Isa, products: &[Product]) -> Vec<Vec<f32>> {
+    assert!(isa == Isa::Scalar || Isa::available().contains(&isa), "{isa:?} is not available here");
     let mut ys: Vec<Vec<f32>> = products
         .iter()
         .map(|p| {
@@ -286,14 +271,19 @@ pub fn matmul_t_many(products: &[Product]) -> Vec<Vec<f32>> {
     let laid: Vec<Laid> = products.iter().map(|p| Laid::new(isa, p.x, p.m, p.k, &p.w)).collect();
     let outs: Vec<Out> = ys.iter_mut().zip(products).map(|(y, p)| Out { ptr: y.as_mut_ptr(), ld: p.n }).collect();
     let total: usize = products.iter().map(|p| p.n * p.k * p.w.bytes_per_element()).sum();
-    let share = (total / (rayon::current_num_threads() * 4)).max(SERIAL_BYTES);
+    let threads = rayon::current_num_threads();
+    let share = if threads <= 1 { usize::MAX } else { total / (threads * 4) };
     let mut tasks = Vec::new();
     for (i, p) in products.iter().enumerate() {
         if p.m == 0 || p.n == 0 {
             continue;
         }
         let row_bytes = (p.k * p.w.bytes_per_element()).max(1);
-        let chunk = (share / row_bytes).next_multiple_of(4).clamp(4, p.n.next_multiple_of(4));
+        let chunk = if p.n * row_bytes <= SERIAL_BYTES {
+            p.n
+        } else {
+            share.div_ceil(row_bytes).next_multiple_of(4).clamp(4, p.n.next_multiple_of(4))
+        };
         tasks.extend((0..p.n).step_by(chunk).map(|r0| (i, r0, (r0 + chunk).min(p.n))));
     }
     let run = |&(i, r0, r1): &(usize, usize, usize)| {
@@ -316,7 +306,7 @@ struct Out {
     ld: usize,
 }
 
-// SAFETY: `Out` is only handed to calls with disjoint column ranges (`matmul_t_with`), and `y`
+// SAFETY: `Out` is only handed to calls with disjoint column ranges (`products_with`), and `y`
 // outlives them.
 unsafe impl Send for Out {}
 unsafe impl Sync for Out {}
@@ -327,6 +317,21 @@ impl Out {
     #[inline(always)]
     unsafe fn set(self, j: usize, r: usize, v: f32) {
         *self.ptr.add(j * self.ld + r) = v;
+    }
+}
+
+/// Writes a finished `R × X` tile of a vector path (weight rows `row + i`, activation rows
+/// `j0 + j`) into `out`.
+///
+/// # Safety
+/// The rows are in the caller's chunk and `j0 + X <= m`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn store<const R: usize, const X: usize>(t: &[[f32; X]; R], out: Out, row: usize, j0: usize) {
+    for (i, ti) in t.iter().enumerate() {
+        for (j, v) in ti.iter().enumerate() {
+            out.set(j0 + j, row + i, *v);
+        }
     }
 }
 
@@ -430,19 +435,18 @@ fn avx512_fp8(w: &WeightSlice) -> bool {
 /// Output columns (weight rows) `r0..r1` of every row of `out`.
 #[allow(clippy::too_many_arguments)]
 fn rows(isa: Isa, x: &[f32], m: usize, k: usize, w: WeightSlice, r0: usize, r1: usize, out: Out, laid: &Laid) {
+    // SAFETY (both arms): `Laid::Bf16` is only made on the AVX512-BF16 path (`Isa::available`),
+    // from `x` (`[m, k]`) against this weight (bf16, or FP8 that `avx512_fp8` accepts), whose
+    // length and scales `matmul_t_with` checked.
     #[cfg(target_arch = "x86_64")]
-    if let Laid::Bf16(xb) = laid {
-        // SAFETY: `Laid::Bf16` is only made on the AVX512-BF16 path (`Isa::available`), from `x`
-        // (`[m, k]`) against this weight (bf16, or FP8 that `avx512_fp8` accepts), whose length
-        // and scales `matmul_t_with` checked.
-        match w {
-            WeightSlice::Bf16(wb) => unsafe { avx512::rows(xb, m, k, wb.as_ptr().cast(), r0, r1, out) },
-            WeightSlice::Fp8 { values, scales, block, .. } => unsafe {
-                avx512::rows_fp8(xb, m, k, values, scales, block, r0, r1, out)
-            },
-            _ => unreachable!("Laid::Bf16 is made for bf16 and FP8 weights only"),
+    match (laid, w) {
+        (Laid::Bf16(xb), WeightSlice::Bf16(wb)) => {
+            return unsafe { avx512::rows(xb, m, k, wb.as_ptr().cast(), r0, r1, out) };
         }
-        return;
+        (Laid::Bf16(xb), WeightSlice::Fp8 { values, scales, block, .. }) => {
+            return unsafe { avx512::rows_fp8(xb, m, k, values, scales, block, r0, r1, out) };
+        }
+        _ => {}
     }
     #[cfg(target_arch = "x86_64")]
     if matches!(isa, Isa::Avx2 | Isa::Avx512Bf16) && isa.vectorizes(&w) {
