@@ -3,7 +3,8 @@
 //! Two paths with the same arithmetic. For one or two activation rows (decode): tiles of 4
 //! weight rows × 2 activation rows (8 accumulators of 8 lanes), the weight widened to f32 in
 //! registers (bf16: a 16-bit shift; f16: `vcvtph2ps`; e4m3: the byte moved into an f16's fields
-//! and widened by `vcvtph2ps`) and never written back, the next tile's rows prefetched. For more
+//! and widened by `vcvtph2ps`) and never written back, the next tile's bytes requested in
+//! address order alongside ([`super::Ahead`]). For more
 //! rows (batched decode) the [`packed`] path widens each 4-row tile once, a few hundred columns at
 //! a time, into a scratch in L1 and runs every activation row over it. Either way each output
 //! accumulates the same products in the same order (FP8: each scale block's sum in its own
@@ -12,7 +13,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{e4m3_table, store, Out, WeightSlice};
+use super::{e4m3_table, store, Ahead, Out, WeightSlice};
 
 /// # Safety
 /// AVX2 and FMA must be available (and F16C for f16 weights and FP8 weights); `x` is `[m, k]`, the weight
@@ -117,20 +118,13 @@ macro_rules! dense_kernel {
             x: *const f32,
             k: usize,
             w: *const $t,
-            prefetch: bool,
+            ahead: &mut Ahead,
         ) -> [[f32; X]; R] {
             let mut acc = [[_mm256_setzero_ps(); X]; R];
             let kv = k & !7;
             let mut c = 0;
             while c < kv {
-                // On the first pass over these weight rows, ask for the next tile's rows too, one
-                // cache line at a time: later passes (more activation rows) then compute from
-                // cache while memory keeps streaming, instead of memory waiting for them.
-                if prefetch && (c * std::mem::size_of::<$t>()) % 64 == 0 {
-                    for i in 0..R {
-                        _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add((R + i) * k + c).cast());
-                    }
-                }
+                ahead.step();
                 let mut xv = [_mm256_setzero_ps(); X];
                 for (j, v) in xv.iter_mut().enumerate() {
                     *v = _mm256_loadu_ps(x.add(j * k + c));
@@ -158,20 +152,24 @@ macro_rules! dense_kernel {
 
         #[target_feature(enable = $feat)]
         unsafe fn $name(x: &[f32], m: usize, k: usize, w: *const $t, r0: usize, r1: usize, out: Out) {
+            let row_bytes = k * std::mem::size_of::<$t>();
+            // The next tile's lines in order, spread over this tile's steps (every pass).
+            let per = Ahead::per_step(4 * row_bytes, m.div_ceil(2) * (k / 8));
             let mut r = r0;
             while r < r1 {
                 let wp = w.add(r * k);
                 let four = r1 - r >= 4;
+                let len = if r + 8 <= r1 { 4 * row_bytes } else { 0 };
+                let mut ahead = Ahead::new(wp.wrapping_add(4 * k).cast(), len, per);
                 let mut j = 0;
                 while j < m {
                     let xp = x.as_ptr().add(j * k);
                     let two = m - j >= 2;
-                    let pf = j == 0 && r + 8 <= r1;
                     match (four, two) {
-                        (true, true) => store(&$tile::<4, 2>(xp, k, wp, pf), out, r, j),
-                        (true, false) => store(&$tile::<4, 1>(xp, k, wp, pf), out, r, j),
-                        (false, true) => store(&$tile::<1, 2>(xp, k, wp, false), out, r, j),
-                        (false, false) => store(&$tile::<1, 1>(xp, k, wp, false), out, r, j),
+                        (true, true) => store(&$tile::<4, 2>(xp, k, wp, &mut ahead), out, r, j),
+                        (true, false) => store(&$tile::<4, 1>(xp, k, wp, &mut ahead), out, r, j),
+                        (false, true) => store(&$tile::<1, 2>(xp, k, wp, &mut ahead), out, r, j),
+                        (false, false) => store(&$tile::<1, 1>(xp, k, wp, &mut ahead), out, r, j),
                     }
                     j += if two { 2 } else { 1 };
                 }
@@ -187,8 +185,8 @@ dense_kernel!(dense_f16, tile_f16, u16, "avx2,fma,f16c", load_f16, f16_to_f32);
 
 /// One block-FP8 tile: per scale block, the e4m3 values (see [`load_e4m3`]) times the activations
 /// summed in the block's own accumulators, which then enter the totals with one multiply-add by
-/// the block's `scale · 2^8`. On the first pass (`prefetch`) the next tile's rows are requested a
-/// cache line at a time, as the dense tiles do.
+/// the block's `scale · 2^8`. `ahead` is stepped every sixteen columns, as the dense tiles step
+/// theirs.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn fp8_tile<const R: usize, const X: usize>(
     x: *const f32,
@@ -196,7 +194,7 @@ unsafe fn fp8_tile<const R: usize, const X: usize>(
     w: *const u8,
     scale_rows: [*const f32; R],
     bw: usize,
-    prefetch: bool,
+    ahead: &mut Ahead,
 ) -> [[f32; X]; R] {
     let mut tot = [[_mm256_setzero_ps(); X]; R];
     let kv = k & !7;
@@ -207,11 +205,7 @@ unsafe fn fp8_tile<const R: usize, const X: usize>(
         let mut acc = [[_mm256_setzero_ps(); X]; R];
         // Sixteen at a time, accumulated in the same order as eight at a time.
         while c + 16 <= end {
-            if prefetch && c % 64 == 0 {
-                for i in 0..R {
-                    _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add((R + i) * k + c).cast());
-                }
-            }
+            ahead.step();
             let mut x0 = [_mm256_setzero_ps(); X];
             let mut x1 = [_mm256_setzero_ps(); X];
             for j in 0..X {
@@ -278,25 +272,28 @@ unsafe fn fp8(
     let cb = k.div_ceil(block[1]);
     let srow = |r: usize| scales.as_ptr().add((r / block[0]) * cb);
     let bw = block[1];
+    // The next tile's lines in order, spread over this tile's steps of sixteen columns.
+    let per = Ahead::per_step(4 * k, m.div_ceil(2) * (k / 16));
     let mut r = r0;
     while r < r1 {
         let wp = values.as_ptr().add(r * k);
         let four = r1 - r >= 4;
+        let len = if r + 8 <= r1 { 4 * k } else { 0 };
+        let mut ahead = Ahead::new(wp.wrapping_add(4 * k), len, per);
         let mut j = 0;
         while j < m {
             let xp = x.as_ptr().add(j * k);
             let two = m - j >= 2;
-            let pf = j == 0 && r + 8 <= r1;
             if four {
                 let s = [srow(r), srow(r + 1), srow(r + 2), srow(r + 3)];
                 match two {
-                    true => store(&fp8_tile::<4, 2>(xp, k, wp, s, bw, pf), out, r, j),
-                    false => store(&fp8_tile::<4, 1>(xp, k, wp, s, bw, pf), out, r, j),
+                    true => store(&fp8_tile::<4, 2>(xp, k, wp, s, bw, &mut ahead), out, r, j),
+                    false => store(&fp8_tile::<4, 1>(xp, k, wp, s, bw, &mut ahead), out, r, j),
                 }
             } else {
                 match two {
-                    true => store(&fp8_tile::<1, 2>(xp, k, wp, [srow(r)], bw, false), out, r, j),
-                    false => store(&fp8_tile::<1, 1>(xp, k, wp, [srow(r)], bw, false), out, r, j),
+                    true => store(&fp8_tile::<1, 2>(xp, k, wp, [srow(r)], bw, &mut ahead), out, r, j),
+                    false => store(&fp8_tile::<1, 1>(xp, k, wp, [srow(r)], bw, &mut ahead), out, r, j),
                 }
             }
             j += if two { 2 } else { 1 };

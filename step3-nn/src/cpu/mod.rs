@@ -335,6 +335,44 @@ unsafe fn store<const R: usize, const X: usize>(t: &[[f32; X]; R], out: Out, row
     }
 }
 
+/// A cursor that requests weight bytes ahead of their use, in address order, `per` cache lines
+/// a step: the kernels point it at the next tile while they compute this one. Four weight rows
+/// read side by side are four streams, which the hardware prefetcher of the Zen 4 machines here
+/// follows at about half the speed of one (one core: 11.6 against 21 GB/s); requested in order,
+/// the next tile is in cache when its turn comes.
+#[cfg(target_arch = "x86_64")]
+struct Ahead {
+    p: *const u8,
+    end: *const u8,
+    per: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Ahead {
+    /// `len` bytes from `p`, `per` lines a [`Ahead::step`]. Nothing is read: a prefetch of an
+    /// address outside the weight does nothing, and the range is the caller's own anyway.
+    fn new(p: *const u8, len: usize, per: usize) -> Self {
+        Self { p, end: p.wrapping_add(len), per }
+    }
+
+    /// Lines a step for `bytes` over `steps` steps.
+    fn per_step(bytes: usize, steps: usize) -> usize {
+        bytes.div_ceil(64).div_ceil(steps.max(1))
+    }
+
+    #[inline(always)]
+    fn step(&mut self) {
+        for _ in 0..self.per {
+            if self.p >= self.end {
+                return;
+            }
+            // SAFETY: a prefetch is a hint; it never faults, whatever the address.
+            unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(self.p.cast()) };
+            self.p = self.p.wrapping_add(64);
+        }
+    }
+}
+
 /// [`matmul_t`] on the calling thread, into rows `ld` apart of `y`: `y[j·ld + r] = x[j]·W[r]` for
 /// `j < m`, `r < n`; the rest of `y` is left as it is. For callers that run many small products
 /// inside their own parallel tasks (attention over a context, a chunk of tokens at a time). Each
