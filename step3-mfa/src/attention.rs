@@ -64,6 +64,16 @@ impl MfaAttention {
             + self.inter_norm.storage_bytes()
     }
 
+    /// The three projections of the layer's input: the low-rank query (before `inter_norm`), K
+    /// and V, in one parallel region on the CPU kernels ([`Linear::forward_many`]).
+    fn qkv(&self, xs: &Tensor) -> Result<[Tensor; 3]> {
+        let mut p = Linear::forward_many(&[&self.q_proj, &self.k_proj, &self.v_proj], xs)?.into_iter();
+        match (p.next(), p.next(), p.next()) {
+            (Some(q), Some(k), Some(v)) => Ok([q, k, v]),
+            _ => candle_core::bail!("forward_many returned fewer than three projections"),
+        }
+    }
+
     /// `xs: [B, T, H]` (already normalised by the layer's input norm) → `[B, T, H]`.
     ///
     /// Appends this step's K/V to `cache`. All query heads of a sequence attend to the single K/V
@@ -80,11 +90,11 @@ impl MfaAttention {
         let (b, t, _) = xs.dims3()?;
         let (n, d) = (self.num_heads, self.head_dim);
 
-        let q = self.wq.forward(&self.inter_norm.forward(&self.q_proj.forward(xs)?)?)?;
+        let [q, k, v] = self.qkv(xs)?;
+        let q = self.wq.forward(&self.inter_norm.forward(&q)?)?;
         let q = rope.apply(&q.reshape((b, t, n, d))?, &step.cos, &step.sin)?;
-        let k = self.k_proj.forward(xs)?.reshape((b, t, 1, d))?;
+        let k = k.reshape((b, t, 1, d))?;
         let k = rope.apply(&k, &step.cos, &step.sin)?.reshape((b, t, d))?;
-        let v = self.v_proj.forward(xs)?;
         let (k, v) = cache.append(&k, &v)?;
         let q = q.reshape((b, t * n, d))?;
         if t == 1 && step.mask.is_none() {
@@ -112,11 +122,11 @@ impl MfaAttention {
     ) -> Result<Tensor> {
         let rows = xs.dim(0)?;
         let (n, d) = (self.num_heads, self.head_dim);
-        let q = self.wq.forward(&self.inter_norm.forward(&self.q_proj.forward(xs)?)?)?;
+        let [q, k, v] = self.qkv(xs)?;
+        let q = self.wq.forward(&self.inter_norm.forward(&q)?)?;
         let q = rope.apply(&q.reshape((1, rows, n, d))?, &step.cos, &step.sin)?.reshape((rows, n, d))?;
-        let k = self.k_proj.forward(xs)?.reshape((1, rows, 1, d))?;
+        let k = k.reshape((1, rows, 1, d))?;
         let k = rope.apply(&k, &step.cos, &step.sin)?.reshape((rows, d))?;
-        let v = self.v_proj.forward(xs)?;
         cache.write(step, &k, &v)?;
         let mut outs = Vec::with_capacity(step.groups.len());
         for g in &step.groups {

@@ -30,7 +30,11 @@ impl SwiGluMlp {
 
 impl Module for SwiGluMlp {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let gate = step3_nn::silu(&self.gate_proj.forward(xs)?)?;
-        self.down_proj.forward(&(gate * self.up_proj.forward(xs)?)?)
+        // Gate and up in one parallel region on the CPU kernels.
+        let mut gu = Linear::forward_many(&[&self.gate_proj, &self.up_proj], xs)?.into_iter();
+        let (Some(gate), Some(up)) = (gu.next(), gu.next()) else {
+            candle_core::bail!("forward_many returned fewer than two projections")
+        };
+        self.down_proj.forward(&(step3_nn::silu(&gate)? * up)?)
     }
 }
