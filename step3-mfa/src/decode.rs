@@ -137,6 +137,8 @@ fn attend_one(q: &[f32], n: usize, d: usize, k: Rows, v: Rows, ctx: &[u32], k_mu
     let mut buf = vec![0f32; CHUNK.min(s) * d];
     // Scores `[n, s]`: all heads against each run's K rows.
     let mut scores = vec![0f32; n * s];
+    // The query rows are laid out for the kernels once, at the first run.
+    let mut queries: Option<cpu::Activations> = None;
     for &(t0, len) in &runs {
         let first = ctx[t0] as usize;
         let rows = match (k_mul, k) {
@@ -150,7 +152,8 @@ fn attend_one(q: &[f32], n: usize, d: usize, k: Rows, v: Rows, ctx: &[u32], k_mu
                 WeightSlice::F32(&buf[..len * d])
             }
         };
-        cpu::matmul_t_into(q, n, d, rows, len, &mut scores[t0..], s);
+        let queries = queries.get_or_insert_with(|| cpu::Activations::new(q, n, d, rows));
+        queries.matmul_t_into(rows, len, &mut scores[t0..], s);
     }
     // Softmax per head, as candle's `softmax_last_dim`: the maximum, the exponentials and their
     // running sum, one division each.

@@ -376,20 +376,73 @@ impl Ahead {
 /// [`matmul_t`] on the calling thread, into rows `ld` apart of `y`: `y[j·ld + r] = x[j]·W[r]` for
 /// `j < m`, `r < n`; the rest of `y` is left as it is. For callers that run many small products
 /// inside their own parallel tasks (attention over a context, a chunk of tokens at a time). Each
-/// element is the one [`matmul_t`] computes, bit for bit.
+/// element is the one [`matmul_t`] computes, bit for bit. [`Activations`] does the same for
+/// several weights against the same rows.
 ///
 /// # Panics
 /// If `x`, `w` or `y` are too short for `m`, `k`, `n`, `ld`, or `ld < n`.
 pub fn matmul_t_into(x: &[f32], m: usize, k: usize, w: WeightSlice, n: usize, y: &mut [f32], ld: usize) {
-    w.check(x, m, k, n);
-    assert!(ld >= n, "row stride {ld} is shorter than a row of {n}");
-    if m == 0 || n == 0 {
-        return;
+    Activations::new(x, m, k, w).matmul_t_into(w, n, y, ld)
+}
+
+/// Activation rows `x [m, k]` laid out once for several [`matmul_t_into`] products against
+/// weights of one dtype (the MFA decode attention's query heads against each run of a K cache):
+/// the same values, bit for bit, without laying the rows out again for every product (on the
+/// AVX512-BF16 path that is a conversion of every row to bf16).
+pub struct Activations<'a> {
+    x: &'a [f32],
+    m: usize,
+    k: usize,
+    isa: Isa,
+    laid: Laid,
+    /// The dense weight dtype `laid` was made for; block-FP8 layouts are never reused.
+    kind: Option<u8>,
+}
+
+impl<'a> Activations<'a> {
+    /// The rows laid out for weights like `like` (its dtype is what matters, not its values).
+    ///
+    /// # Panics
+    /// If `x` is not `[m, k]`.
+    pub fn new(x: &'a [f32], m: usize, k: usize, like: WeightSlice) -> Self {
+        assert_eq!(x.len(), m * k, "x is not [{m}, {k}]");
+        let isa = Isa::detected();
+        let laid = if m == 0 || k == 0 { Laid::None } else { Laid::new(isa, x, m, k, &like) };
+        Self { x, m, k, isa, laid, kind: dense_kind(&like) }
     }
-    assert!(y.len() >= (m - 1) * ld + n, "y holds {} values, not {m} rows {ld} apart", y.len());
-    let isa = Isa::detected();
-    let laid = Laid::new(isa, x, m, k, &w);
-    rows(isa, x, m, k, w, 0, n, Out { ptr: y.as_mut_ptr(), ld }, &laid);
+
+    /// `y[j·ld + r] = x[j]·W[r]` for `j < m`, `r < n`, on the calling thread, as
+    /// [`matmul_t_into`] computes it.
+    ///
+    /// # Panics
+    /// As [`matmul_t_into`].
+    pub fn matmul_t_into(&self, w: WeightSlice, n: usize, y: &mut [f32], ld: usize) {
+        let (x, m, k) = (self.x, self.m, self.k);
+        w.check(x, m, k, n);
+        assert!(ld >= n, "row stride {ld} is shorter than a row of {n}");
+        if m == 0 || n == 0 {
+            return;
+        }
+        assert!(y.len() >= (m - 1) * ld + n, "y holds {} values, not {m} rows {ld} apart", y.len());
+        let fresh;
+        let laid = if self.kind.is_some() && dense_kind(&w) == self.kind {
+            &self.laid
+        } else {
+            fresh = Laid::new(self.isa, x, m, k, &w);
+            &fresh
+        };
+        rows(self.isa, x, m, k, w, 0, n, Out { ptr: y.as_mut_ptr(), ld }, laid);
+    }
+}
+
+/// A dense weight's dtype as a tag (`None` for block-FP8, whose layouts depend on more than it).
+fn dense_kind(w: &WeightSlice) -> Option<u8> {
+    match w {
+        WeightSlice::F32(_) => Some(0),
+        WeightSlice::Bf16(_) => Some(1),
+        WeightSlice::F16(_) => Some(2),
+        WeightSlice::Fp8 { .. } => None,
+    }
 }
 
 /// `y[j, :] += Σ_r p[j·ld + r] · w[r, :]` for `j < m`, over the `n` rows of `w [n, k]`, in row
@@ -849,6 +902,38 @@ mod tests {
                         assert_eq!(got.to_bits(), expect.to_bits(), "m={m} k={k} n={n} ({j},{r})");
                     }
                 }
+            }
+        }
+    }
+
+    /// Rows laid out once serve every later product, of the same dtype (the layout reused) or
+    /// another (laid out afresh), with `matmul_t`'s values bit for bit.
+    #[test]
+    fn activations_laid_out_once_give_each_product() {
+        for (m, k) in [(1, 24), (3, 64), (8, 256), (17, 300)] {
+            let x = bf16_values(&vals(m * k, 60 + m as u64));
+            let weights: Vec<Vec<f32>> = (0..3).map(|i| vals((5 + 4 * i) * k, 61 + i as u64)).collect();
+            let wb: Vec<Vec<half::bf16>> =
+                weights.iter().map(|w| w.iter().map(|v| half::bf16::from_f32(*v)).collect()).collect();
+            let first = WeightSlice::Bf16(&wb[0]);
+            let acts = Activations::new(&x, m, k, first);
+            let products = [
+                WeightSlice::Bf16(&wb[0]),
+                WeightSlice::Bf16(&wb[1]),
+                WeightSlice::F32(&weights[2]),
+                WeightSlice::Bf16(&wb[2]),
+            ];
+            for w in products {
+                let n = match w {
+                    WeightSlice::Bf16(v) => v.len() / k,
+                    WeightSlice::F32(v) => v.len() / k,
+                    _ => unreachable!(),
+                };
+                let want = matmul_t(&x, m, k, w, n);
+                let mut y = vec![0f32; m * n];
+                acts.matmul_t_into(w, n, &mut y, n);
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&y), bits(&want), "m={m} k={k} n={n}");
             }
         }
     }
