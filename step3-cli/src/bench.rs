@@ -43,6 +43,9 @@ enum BenchKind {
     /// Load on a running OpenAI-compatible server: requests/s, output tokens/s, TTFT and
     /// inter-token latency percentiles per concurrency.
     Serve(crate::bench_serve::ServeBenchArgs),
+    /// The CPU kernels alone: every product of one decode step of the ~200M model, grouped as
+    /// the model hands them to the thread pool, against the read bandwidth measured in the run.
+    Products(crate::bench_products::ProductsArgs),
 }
 
 /// What every layer benchmark shares.
@@ -159,6 +162,7 @@ pub fn run(a: BenchArgs) -> Result<ExitCode> {
         BenchKind::DecodeModel(a) => decode_model(a),
         BenchKind::Engine(a) => crate::bench_engine::run(a),
         BenchKind::Serve(a) => crate::bench_serve::run(a),
+        BenchKind::Products(a) => crate::bench_products::run(a),
         BenchKind::All(common) => {
             let c = Ctx::new(&common)?;
             attention(&c, &[1, 16, 64], &[4096, 8192, 32768])?;

@@ -10,6 +10,7 @@ use step3::{DType, ImageSource, Message};
 
 mod bench;
 mod bench_engine;
+mod bench_products;
 mod bench_serve;
 mod cost;
 mod experts;

@@ -148,6 +148,22 @@ fn bad_arguments_fail_cleanly() {
     }
 }
 
+/// `step3 bench products` refuses what the kernels cannot run before it allocates anything.
+#[test]
+fn bench_products_refuses_bad_flags() {
+    let cases: [(&[&str], &str); 3] = [
+        (&["bench", "products", "--rows", "17"], "at most 16 rows"),
+        (&["bench", "products", "--weights", "bf16,q4"], "`q4` is not one of f32, bf16, fp8"),
+        (&["bench", "products", "--rows", "1,0"], "--rows"),
+    ];
+    for (args, needle) in cases {
+        let out = step3(args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains(needle), "{args:?}: {}", stderr(&out));
+        assert!(stdout(&out).is_empty(), "{args:?} printed {}", stdout(&out));
+    }
+}
+
 #[test]
 fn prompt_longer_than_the_context_is_refused() {
     // The tiny checkpoint has a 4096-token context.
