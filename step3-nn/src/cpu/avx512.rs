@@ -5,7 +5,7 @@
 //! adds both products of each pair into an f32 lane, rounding as f32 arithmetic does; it reads
 //! the weight as stored, so nothing is widened, and it does twice the multiply-adds of an f32 FMA
 //! per instruction. The activations are handed over as bf16 bits ([`to_bf16`]), laid out once per
-//! product. Fewer than four activation rows take the weight a row at a time (one sequential
+//! product. Up to eight activation rows take the weight a row at a time (one sequential
 //! stream); more take tiles of 4 weight rows × up to 4 activation rows (16 accumulators of 16
 //! lanes); either way the next weight bytes are requested in order ([`super::Ahead`]). The K tail is read with masked loads (zeros beyond `K`), so there is no scalar tail. Each
 //! output's sequence of instructions depends only on `K`, never on `M` or on the tiling: a row's
@@ -42,9 +42,10 @@ pub(super) fn to_bf16(x: &[f32]) -> Vec<u16> {
 
 /// Output columns (weight rows) `r0..r1` of every row of `out`: `out[j, r] = Σ_c x[j, c] · w[r, c]`.
 ///
-/// With fewer than four activation rows the weight is read one row at a time, a single
-/// sequential stream (on one core, 19 GB/s against 12 in tiles of four); with more, in tiles of
-/// four rows, each tile once from memory and then from cache for the further activation rows.
+/// With fewer than [`TILE_ROWS_FROM`] activation rows the weight is read one row at a time, a
+/// single sequential stream (on one core, 19 GB/s against 12 in tiles of four); with more, in
+/// tiles of four rows, each tile once from memory and then from cache for the further activation
+/// rows.
 /// Either way the next tile's bytes are requested in order while this one computes ([`Ahead`]).
 ///
 /// # Safety
@@ -53,9 +54,17 @@ pub(super) fn to_bf16(x: &[f32]) -> Vec<u16> {
 /// columns `r0..r1`.
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 pub(super) unsafe fn rows(x: &[u16], m: usize, k: usize, w: *const u16, r0: usize, r1: usize, out: Out) {
-    let r = if m >= 4 { tiles::<4>(x, m, k, w, r0, r1, out) } else { r0 };
+    let r = if m >= TILE_ROWS_FROM { tiles::<4>(x, m, k, w, r0, r1, out) } else { r0 };
     tiles::<1>(x, m, k, w, r, r1, out);
 }
+
+/// Activation rows from which [`rows`] reads a bf16 weight in tiles of four rows: below, a row at
+/// a time (one stream; the row stays in L1 for every pass of four activation rows). Measured with
+/// `step3 bench products --weights bf16 --rows 4,8,16` on Zen 4: with tiles from 4 rows, a 16-row
+/// step's products took 25–34 ms in six runs, with tiles from 9 rows 21–27 ms (the routed
+/// experts' 4-row products 9–10 against 11–13 ms); 4- and 8-row steps were the same either way
+/// within the noise; the 16-row products themselves need the tiles (32–38 ms a row at a time).
+const TILE_ROWS_FROM: usize = 9;
 
 /// [`rows`] in tiles of `R` weight rows from `r0` while a whole tile fits before `r1`; returns
 /// the first row not done.
