@@ -13,7 +13,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{e4m3_table, store, Ahead, Out, WeightSlice};
+use super::{e4m3_table, scale_row, store, Ahead, Out, WeightSlice};
 
 /// # Safety
 /// AVX2 and FMA must be available (and F16C for f16 weights and FP8 weights); `x` is `[m, k]`, the weight
@@ -162,8 +162,7 @@ macro_rules! dense_kernel {
             while r < r1 {
                 let wp = w.add(r * k);
                 let four = h == 4 && r1 - r >= 4;
-                let len = if r + 2 * h <= r1 { h * row_bytes } else { 0 };
-                let mut ahead = Ahead::new(wp.wrapping_add(h * k).cast(), len, per);
+                let mut ahead = Ahead::next_tile(wp.cast(), h * row_bytes, r + 2 * h <= r1, per);
                 let mut j = 0;
                 while j < m {
                     let xp = x.as_ptr().add(j * k);
@@ -285,8 +284,7 @@ unsafe fn fp8(
     r1: usize,
     out: Out,
 ) {
-    let cb = k.div_ceil(block[1]);
-    let srow = |r: usize| scales.as_ptr().add((r / block[0]) * cb);
+    let srow = |r: usize| scale_row(scales, block, k, r).as_ptr();
     let bw = block[1];
     // The next tile's lines in order, spread over this tile's steps of sixteen columns.
     let per = Ahead::per_step(4 * k, m.div_ceil(2) * (k / 16));
@@ -294,14 +292,13 @@ unsafe fn fp8(
     while r < r1 {
         let wp = values.as_ptr().add(r * k);
         let four = r1 - r >= 4;
-        let len = if r + 8 <= r1 { 4 * k } else { 0 };
-        let mut ahead = Ahead::new(wp.wrapping_add(4 * k), len, per);
+        let mut ahead = Ahead::next_tile(wp, 4 * k, r + 8 <= r1, per);
         let mut j = 0;
         while j < m {
             let xp = x.as_ptr().add(j * k);
             let two = m - j >= 2;
             if four {
-                let s = [srow(r), srow(r + 1), srow(r + 2), srow(r + 3)];
+                let s = std::array::from_fn(|i| srow(r + i));
                 match two {
                     true => store(&fp8_tile::<4, 2>(xp, k, wp, s, bw, &mut ahead), out, r, j),
                     false => store(&fp8_tile::<4, 1>(xp, k, wp, s, bw, &mut ahead), out, r, j),
@@ -431,9 +428,8 @@ unsafe fn packed(x: &[f32], xs: &[f32], m: usize, k: usize, w: WeightSlice, r0: 
                     (scratch.as_ptr(), KC, Prefetch::new(next, p.wrapping_add(PR * k).cast(), k * 2, 2))
                 }
                 WeightSlice::Fp8 { values, scales, block, .. } => {
-                    let cb = k.div_ceil(block[1]);
                     for (i, s) in block_scales.iter_mut().enumerate().take(rows) {
-                        *s = scales[((r + i) / block[0]) * cb + c0 / block[1]] * 256f32;
+                        *s = scale_row(scales, block, k, r + i)[c0 / block[1]] * 256f32;
                     }
                     pack_e4m3(values.as_ptr().add(r * k + c0), k, rows, len, scratch);
                     let p = values.as_ptr().add((r + PR) * k + c0);

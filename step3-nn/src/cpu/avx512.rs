@@ -23,7 +23,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{store, Ahead, Out};
+use super::{scale_row, store, Ahead, Out};
 
 /// Whether every value of `x` is a bf16 value that is zero, normal, infinite or NaN (f32 bits
 /// whose low 16 are zero, not subnormal): then [`to_bf16`] is exact and the bf16 products are
@@ -77,9 +77,7 @@ unsafe fn tiles<const R: usize>(x: &[u16], m: usize, k: usize, w: *const u16, r0
     let mut r = r0;
     while r + R <= r1 {
         let wp = w.add(r * k);
-        let next = wp.wrapping_add(R * k).cast::<u8>();
-        let len = if r + 2 * R <= r1 { tile_bytes } else { 0 };
-        let mut ahead = Ahead::new(next, len, per);
+        let mut ahead = Ahead::next_tile(wp.cast(), tile_bytes, r + 2 * R <= r1, per);
         let mut j = 0;
         while j < m {
             let xp = x.as_ptr().add(j * k);
@@ -116,8 +114,7 @@ pub(super) unsafe fn rows_fp8(
     r1: usize,
     out: Out,
 ) {
-    let cb = k.div_ceil(block[1]);
-    let srow = |r: usize| scales.as_ptr().add((r / block[0]) * cb);
+    let srow = |r: usize| scale_row(scales, block, k, r).as_ptr();
     let bw = block[1];
     if m <= 3 {
         // One pass: the values are converted in registers as the products need them, four
@@ -128,14 +125,12 @@ pub(super) unsafe fn rows_fp8(
         while r < r1 {
             let w = values.as_ptr().add(r * k);
             if r1 - r >= 4 {
-                let len = if r + 8 <= r1 { 4 * k } else { 0 };
-                let mut ahead = Ahead::new(w.wrapping_add(4 * k), len, per);
-                let s4 = [srow(r), srow(r + 1), srow(r + 2), srow(r + 3)];
+                let mut ahead = Ahead::next_tile(w, 4 * k, r + 8 <= r1, per);
+                let s4 = std::array::from_fn(|i| srow(r + i));
                 fp8_tiles::<4, true>(x, m, k, w, s4, bw, &mut ahead, out, r);
                 r += 4;
             } else {
-                let mut none = Ahead::new(w, 0, 0);
-                fp8_tiles::<1, true>(x, m, k, w, [srow(r)], bw, &mut none, out, r);
+                fp8_tiles::<1, true>(x, m, k, w, [srow(r)], bw, &mut Ahead::none(), out, r);
                 r += 1;
             }
         }
@@ -144,7 +139,6 @@ pub(super) unsafe fn rows_fp8(
     // More passes: each tile of four rows converted once, into a scratch that every group of
     // activation rows reads; the conversion reads row by row and requests the next tile's rows.
     let mut scratch = vec![0u16; 4 * k];
-    let mut none = Ahead::new(std::ptr::null(), 0, 0);
     let mut r = r0;
     while r < r1 {
         let four = r1 - r >= 4;
@@ -165,10 +159,10 @@ pub(super) unsafe fn rows_fp8(
         }
         let w = scratch.as_ptr().cast::<u8>();
         if four {
-            let s4 = [srow(r), srow(r + 1), srow(r + 2), srow(r + 3)];
-            fp8_tiles::<4, false>(x, m, k, w, s4, bw, &mut none, out, r);
+            let s4 = std::array::from_fn(|i| srow(r + i));
+            fp8_tiles::<4, false>(x, m, k, w, s4, bw, &mut Ahead::none(), out, r);
         } else {
-            fp8_tiles::<1, false>(x, m, k, w, [srow(r)], bw, &mut none, out, r);
+            fp8_tiles::<1, false>(x, m, k, w, [srow(r)], bw, &mut Ahead::none(), out, r);
         }
         r += rows;
     }
@@ -274,13 +268,7 @@ unsafe fn fp8_tile<const R: usize, const X: usize, const E4M3: bool>(
         }
         b += 1;
     }
-    let mut out = [[0f32; X]; R];
-    for (o, t) in out.iter_mut().zip(&tot) {
-        for (o, t) in o.iter_mut().zip(t) {
-            *o = _mm512_reduce_add_ps(*t);
-        }
-    }
-    out
+    reduce(&tot)
 }
 
 /// `R` weight rows from `w` against `X` activation rows from `x` (both row stride `k`), 32
@@ -305,8 +293,15 @@ unsafe fn tile<const R: usize, const X: usize>(
         ahead.step();
         step(&mut acc, x, k, w, c, (1u32 << (k - c)) - 1);
     }
+    reduce(&acc)
+}
+
+/// Each accumulator's sixteen lanes summed: a tile's outputs.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn reduce<const R: usize, const X: usize>(acc: &[[__m512; X]; R]) -> [[f32; X]; R] {
     let mut out = [[0f32; X]; R];
-    for (o, a) in out.iter_mut().zip(&acc) {
+    for (o, a) in out.iter_mut().zip(acc) {
         for (o, a) in o.iter_mut().zip(a) {
             *o = _mm512_reduce_add_ps(*a);
         }

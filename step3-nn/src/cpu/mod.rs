@@ -349,10 +349,17 @@ struct Ahead {
 
 #[cfg(target_arch = "x86_64")]
 impl Ahead {
-    /// `len` bytes from `p`, `per` lines a [`Ahead::step`]. Nothing is read: a prefetch of an
-    /// address outside the weight does nothing, and the range is the caller's own anyway.
-    fn new(p: *const u8, len: usize, per: usize) -> Self {
-        Self { p, end: p.wrapping_add(len), per }
+    /// The `bytes` that follow the tile of `bytes` at `tile`, `per` lines a [`Ahead::step`], when
+    /// `another` tile of the caller's rows lies there; nothing otherwise. Nothing is read: a
+    /// prefetch is only a hint.
+    fn next_tile(tile: *const u8, bytes: usize, another: bool, per: usize) -> Self {
+        let p = tile.wrapping_add(bytes);
+        Self { p, end: p.wrapping_add(if another { bytes } else { 0 }), per }
+    }
+
+    /// A cursor that requests nothing (for tiles whose bytes are already in cache).
+    fn none() -> Self {
+        Self { p: std::ptr::null(), end: std::ptr::null(), per: 0 }
     }
 
     /// Lines a step for `bytes` over `steps` steps.
@@ -568,6 +575,13 @@ pub fn e4m3_table() -> &'static [f32; 256] {
     TABLE.get_or_init(|| std::array::from_fn(|i| float8::F8E4M3::from_bits(i as u8).to_f32()))
 }
 
+/// Row `r`'s block scales of a block-FP8 weight `[n, k]` with `scales`
+/// `[ceil(n / block[0]), ceil(k / block[1])]`: one per scale block along `k`.
+fn scale_row(scales: &[f32], block: [usize; 2], k: usize, r: usize) -> &[f32] {
+    let cb = k.div_ceil(block[1]);
+    &scales[(r / block[0]) * cb..][..cb]
+}
+
 /// The portable loop: per output element a dot product in f32 (eight interleaved partial sums,
 /// so it vectorises where the compiler can); for FP8 one such dot product of the e4m3 values per
 /// scale block, times the block's scale.
@@ -588,10 +602,8 @@ fn scalar_rows(x: &[f32], m: usize, k: usize, w: WeightSlice, r0: usize, r1: usi
                 WeightSlice::F16(w) => dot(xr, w[r * k..(r + 1) * k].iter().map(|v| v.to_f32())),
                 WeightSlice::Fp8 { values, scales, block, .. } => {
                     let table = e4m3_table();
-                    let cb = k.div_ceil(block[1]);
-                    let srow = &scales[(r / block[0]) * cb..][..cb];
                     let wr = &values[r * k..(r + 1) * k];
-                    let blocks = xr.chunks(block[1]).zip(wr.chunks(block[1])).zip(srow);
+                    let blocks = xr.chunks(block[1]).zip(wr.chunks(block[1])).zip(scale_row(scales, block, k, r));
                     blocks.fold(0f32, |y, ((x, w), s)| y + s * dot(x, w.iter().map(|b| table[*b as usize])))
                 }
             };

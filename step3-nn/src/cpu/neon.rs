@@ -170,9 +170,8 @@ unsafe fn tiles<W: Widen>(
         WeightSlice::Fp8 { scales, block, .. } => (Some(scales), block),
         _ => (None, [1, 1]),
     };
-    let cb = k.div_ceil(block[1]);
     // Row `r`'s block scales (FP8), null otherwise.
-    let srow = |r: usize| scales.map_or(std::ptr::null(), |s| s.as_ptr().add((r / block[0]) * cb));
+    let srow = |r: usize| scales.map_or(std::ptr::null(), |s| super::scale_row(s, block, k, r).as_ptr());
     let four = |r: usize| scales.map(|_| ([srow(r), srow(r + 1), srow(r + 2), srow(r + 3)], block[1]));
     let one = |r: usize| scales.map(|_| ([srow(r)], block[1]));
     let mut r = r0;
