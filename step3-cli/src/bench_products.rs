@@ -10,10 +10,10 @@ use std::time::Instant;
 
 use anyhow::Result;
 use clap::Args;
-use rayon::prelude::*;
 use step3::nn::cpu::{self, Product, WeightSlice};
 
 use crate::bench::{list, read_bandwidth};
+use crate::synthetic::{fill, random_e4m3_bytes};
 
 #[derive(Args)]
 pub struct ProductsArgs {
@@ -58,38 +58,17 @@ impl Held {
 /// Uniform values in [-0.5, 0.5) from a seed, each a bf16 value (so the AVX512-BF16 path
 /// takes them as activations).
 fn values(len: usize, seed: u64) -> Vec<f32> {
-    (0..len)
-        .into_par_iter()
-        .map(|i| {
-            let mut s = (i as u64 ^ seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)).wrapping_mul(0xD1B5_4A32_D192_ED03) | 1;
-            s ^= s >> 29;
-            s = s.wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            s ^= s >> 32;
-            half::bf16::from_f32((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5).to_f32()
-        })
-        .collect()
+    fill(len, seed, 0.5, |x| half::bf16::from_f32(x).to_f32())
 }
 
 fn weight(dtype: &str, n: usize, k: usize, seed: u64) -> Held {
-    let v = values(n * k, seed);
     match dtype {
-        "f32" => Held::F32(v),
-        "bf16" => Held::Bf16(v.par_iter().map(|x| half::bf16::from_f32(*x)).collect()),
-        _ => {
-            // e4m3 codes from the value's bits, never a NaN code (0x7F, 0xFF).
-            let values = v
-                .par_iter()
-                .map(|x| {
-                    let b = (x.to_bits() >> 16) as u8;
-                    if b & 0x7F == 0x7F {
-                        b & 0xF0
-                    } else {
-                        b
-                    }
-                })
-                .collect();
-            Held::Fp8 { values, scales: vec![1.0 / 64.0; n.div_ceil(128) * k.div_ceil(128)] }
-        }
+        "f32" => Held::F32(fill(n * k, seed, 0.5, |x| x)),
+        "bf16" => Held::Bf16(fill(n * k, seed, 0.5, half::bf16::from_f32)),
+        _ => Held::Fp8 {
+            values: random_e4m3_bytes(n * k, seed),
+            scales: vec![1.0 / 64.0; n.div_ceil(128) * k.div_ceil(128)],
+        },
     }
 }
 

@@ -94,23 +94,6 @@ fn seed_of(name: &str) -> u64 {
 /// (f32, bf16, f16) in parallel chunks: Step3's real-size expert stacks hold billions of values,
 /// which a normal sampler through an f32 copy would take minutes and twice the memory to fill.
 fn random_uniform(shape: &[usize], std: f32, seed: u64, dtype: DType, dev: &Device) -> Result<Tensor> {
-    fn fill<T: Copy + Default + Send>(n: usize, seed: u64, a: f32, f: impl Fn(f32) -> T + Sync) -> Vec<T> {
-        use rayon::prelude::*;
-        const CHUNK: usize = 1 << 16;
-        let mut v = vec![T::default(); n];
-        v.par_chunks_mut(CHUNK).enumerate().for_each(|(c, out)| {
-            let mut state =
-                (seed ^ 0x9E37_79B9_7F4A_7C15).wrapping_add((c as u64).wrapping_mul(0xD1B5_4A32_D192_ED03)) | 1;
-            for o in out {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                // The top 24 bits, as a number in [-1, 1).
-                *o = f(a * ((state >> 40) as f32 * (2.0 / (1u64 << 24) as f32) - 1.0));
-            }
-        });
-        v
-    }
     let n: usize = shape.iter().product();
     // Uniform on [-a, a] has standard deviation a / sqrt(3).
     let a = std * 3f32.sqrt();
@@ -121,8 +104,27 @@ fn random_uniform(shape: &[usize], std: f32, seed: u64, dtype: DType, dev: &Devi
     }
 }
 
+/// `n` values uniform on [-a, a) from `seed`, each passed through `f` (a conversion to the
+/// storage type), made in parallel chunks.
+pub(crate) fn fill<T: Copy + Default + Send>(n: usize, seed: u64, a: f32, f: impl Fn(f32) -> T + Sync) -> Vec<T> {
+    use rayon::prelude::*;
+    const CHUNK: usize = 1 << 16;
+    let mut v = vec![T::default(); n];
+    v.par_chunks_mut(CHUNK).enumerate().for_each(|(c, out)| {
+        let mut state = (seed ^ 0x9E37_79B9_7F4A_7C15).wrapping_add((c as u64).wrapping_mul(0xD1B5_4A32_D192_ED03)) | 1;
+        for o in out {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            // The top 24 bits, as a number in [-1, 1).
+            *o = f(a * ((state >> 40) as f32 * (2.0 / (1u64 << 24) as f32) - 1.0));
+        }
+    });
+    v
+}
+
 /// `n` random finite e4m3 codes (exponent field below 15, so never a NaN).
-fn random_e4m3_bytes(n: usize, seed: u64) -> Vec<u8> {
+pub(crate) fn random_e4m3_bytes(n: usize, seed: u64) -> Vec<u8> {
     let mut state = 0x9E37_79B9_7F4A_7C15u64 ^ seed.wrapping_mul(0xD1B5_4A32_D192_ED03);
     (0..n)
         .map(|_| {
